@@ -1,0 +1,1 @@
+"""Recipes: complete runs selected with `+recipe=NAME` (see trainer/recipes.py)."""

@@ -1,0 +1,120 @@
+"""`MeshStrategy`: one Lightning Strategy plugin for every layout over a {dp, ep} device mesh.
+
+`single` is the mesh {1, 1}, `ddp` {N, 1}, `expert` {1, N}, `hybrid` {a, b}: the same code, so the
+four cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
+device) and lays it out in `setup()`: keep this rank's experts, materialise the weights, swap in
+the all-to-all dispatcher, and register our bucketed gradient synchronisation.
+"""
+
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.strategy import Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from .layout import apply_layout, clip_grad_norm_, expert_params
+from .mesh import ParallelDims, build_mesh
+
+
+class MeshStrategy(ModelParallelStrategy):
+    """Lay a plain model out over the mesh {dp, ep}; gradients synced by our own all-reduce."""
+
+    def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, shard_optimizer: bool = False,
+                 timeout_s: float = 600.0, process_group_backend: str | None = None):
+        super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
+        self.name = name
+        self.mesh_degrees = dict(mesh or {"dp": 1, "ep": 1})
+        self.bucket_size_mb, self.shard_optimizer = bucket_size_mb, shard_optimizer
+        self.dims: ParallelDims | None = None
+        self.mesh = None  # DeviceMesh, built in setup_environment when world_size > 1
+        self.grad_sync = None
+        self._sync_blocked = False
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        # Every rank reads its own slice of the global batch, whatever its mesh coordinates.
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def setup_environment(self) -> None:
+        Strategy.setup_environment(self)
+        self.dims = ParallelDims(world_size=self.world_size, **self.mesh_degrees)
+        if self.world_size > 1:
+            self._setup_distributed()  # process group with our timeout
+            self.mesh = build_mesh(self.dims, self.root_device.type)
+
+    def setup(self, trainer) -> None:
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self.grad_sync = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device,
+                                      self.bucket_size_mb)
+        if self.global_rank == 0:
+            rank_zero_info(f"[paratrain] layout: {self.describe()}")
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def describe(self) -> str:
+        moe = [m for m in self.lightning_module.model.moe_layers()]
+        return self.dims.describe(moe[0].experts.num_experts if moe else None)
+
+    # --- gradient synchronisation -----------------------------------------------------------
+    @contextmanager
+    def block_backward_sync(self):
+        """Gradient accumulation: micro-steps before the last keep their gradients local."""
+        self._sync_blocked = True
+        try:
+            with self.grad_sync.no_sync() if self.grad_sync else _nothing():
+                yield
+        finally:
+            self._sync_blocked = False
+
+    def post_backward(self, closure_loss) -> None:
+        # Before clipping and the optimizer step: they must see the synchronised gradients.
+        if self.grad_sync is not None and not self._sync_blocked:
+            self.grad_sync.finish()
+
+    def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self.mesh)
+
+    def reduce(self, tensor, group=None, reduce_op="mean"):
+        if self.world_size == 1 or not isinstance(tensor, torch.Tensor):
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    # --- checkpoints: whole state from rank 0 (experts gathered) ----------------------------
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    def lightning_module_state_dict(self):
+        return Strategy.lightning_module_state_dict(self)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        Strategy.load_model_state_dict(self, checkpoint, strict=strict)
+
+    def optimizer_state(self, optimizer):
+        return Strategy.optimizer_state(self, optimizer)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        Strategy.load_optimizer_state_dict(self, checkpoint)
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        return Strategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+
+
+@contextmanager
+def _nothing():
+    yield

@@ -1,0 +1,49 @@
+"""Shared helpers: compose the real config, and run the real `train` command in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model and run small enough for 2 CPU cores: seconds per run.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64",
+    "data.batch_size=8", "data.seq_len=32", "data.val_batches=2",
+    "trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3",
+    "trainer.checkpoint_every_n_steps=3", "trainer.enable_progress_bar=false", "optimizer.warmup_steps=2",
+]
+TINY_MOE = ["+recipe=moe_8x", *TINY, "model.moe.expert_ffn_dim=32", "model.moe.num_experts=4"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """One token cache for the whole session, outside the user's home."""
+    path = os.environ.setdefault("PARATRAIN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+    return Path(path)
+
+
+def train(args, run_dir: Path, timeout: float = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `train ARGS hydra.run.dir=RUN_DIR` as a user would; returns the finished process."""
+    cmd = [sys.executable, "-m", "paratrain.trainer.cli", *args, f"hydra.run.dir={run_dir}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or run_dir.parent)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [float(r["train/loss"]) for r in metrics(run_dir) if r["train/loss"]]

@@ -1,0 +1,143 @@
+"""The run directory of DESIGN.md: metrics.csv, summary.json and plots/, written by rank 0.
+
+Metrics are reduced on every rank at the same steps (a collective); only rank 0 writes files.
+"""
+
+import csv
+import json
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .plots import plot_expert_load, plot_loss_curve
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class RunDirectory(L.Callback):
+    def __init__(self, run_dir: str, params: dict, layout: dict, log_every_n_steps: int):
+        self.run_dir = Path(run_dir)
+        self.params, self.layout, self.log_every = params, layout, log_every_n_steps
+        self.rows: list[dict] = []  # written rows; kept for plots and the summary
+        self._pending: dict | None = None  # the newest row, open until the next one (val/loss may join it)
+        self._columns: list[str] | None = None
+        self.load_history: list[tuple[int, torch.Tensor]] = []
+        self._val_s = 0.0
+
+    # --- timing -------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = self._window_t0 = time.perf_counter()
+        self._window_val_s, self._window_step = 0.0, trainer.global_step
+        self._start_step = trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        spent = time.perf_counter() - self._val_t0
+        self._val_s += spent
+        self._window_val_s += spent
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None and trainer.is_global_zero:
+            row = self._pending if self._pending and self._pending["step"] == trainer.global_step else None
+            if row is None:
+                self._flush()
+                row = self._pending = {"step": trainer.global_step}
+            row["val/loss"] = float(val)
+
+    # --- one row per logged step -----------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step_done:
+            pl_module.log("step", float(step), logger=False)  # what ModelCheckpoint ranks by
+        if step_done and (step % self.log_every == 0 or step >= trainer.max_steps):
+            metrics = pl_module.reduce_step_metrics()  # collective: every rank, same steps
+            now = time.perf_counter()
+            train_s = now - self._window_t0 - self._window_val_s
+            metrics["tokens_per_s"] = (step - self._window_step) * pl_module.tokens_per_step / max(train_s, 1e-9)
+            metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            self._window_t0, self._window_val_s, self._window_step = now, 0.0, step
+            pl_module.log("train_loss", metrics["train/loss"], prog_bar=True, logger=False)
+            if trainer.is_global_zero:
+                self._flush()
+                self._pending = {"step": step, **metrics}
+                if pl_module.expert_load is not None:
+                    self.load_history.append((step, pl_module.expert_load))
+
+    def _flush(self):
+        if self._pending is None:
+            return
+        row, self._pending = self._pending, None
+        self.rows.append(row)
+        path = self.run_dir / "metrics.csv"
+        if self._columns is None:
+            resumed = path.exists() and path.stat().st_size > 0
+            if resumed:
+                with open(path) as f:
+                    self._columns = next(csv.reader(f))
+            else:
+                self._columns = ["step", "train/loss", "val/loss", "tokens_per_s"] + sorted(
+                    k for k in row if k not in ("step", "train/loss", "val/loss", "tokens_per_s"))
+            mode = "a" if resumed else "w"
+        else:
+            mode = "a"
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore")
+            if mode == "w":
+                writer.writeheader()
+            writer.writerow(row)
+
+    # --- end of run -------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module):
+        # Collectives first, on every rank; then rank 0 writes.
+        device = pl_module.device
+        local = torch.tensor([peak_rss_mb(), sum(p.numel() for p in pl_module.model.parameters())], device=device)
+        peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
+        if trainer.is_global_zero:
+            self._flush()
+            self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]))
+
+    def on_exception(self, trainer, pl_module, exception):
+        # No collectives here: other ranks may be gone.
+        if trainer.is_global_zero:
+            self._flush()
+            self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
+
+    def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, error=None):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        steps = trainer.global_step
+        tokens = (steps - getattr(self, "_start_step", 0)) * pl_module.tokens_per_step
+        train_rows = [r for r in self.rows if "train/loss" in r]
+        val_rows = [r for r in self.rows if "val/loss" in r]
+        summary = {
+            "status": status,
+            "steps": steps,
+            "final_loss": train_rows[-1]["train/loss"] if train_rows else None,
+            "final_val_loss": val_rows[-1]["val/loss"] if val_rows else None,
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(wall - self._val_s, 1e-9),
+            "wall_s": wall,
+            "world_size": trainer.world_size,
+            **self.layout,
+            **self.params,
+            "params_per_rank": params_per_rank,
+            "peak_rss_mb": peak_rss if peak_rss is not None else peak_rss_mb(),
+            "a2a_bytes_per_step": pl_module.step_metrics.get("a2a_bytes_per_step", 0.0),
+        }
+        if error:
+            summary["error"] = error
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plots = self.run_dir / "plots"
+        if self.rows:
+            plot_loss_curve(self.rows, plots / "loss.png")
+        if self.load_history:
+            plot_expert_load(self.load_history, plots / "expert_load.png")

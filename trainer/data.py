@@ -1,0 +1,183 @@
+"""Byte-level token data: the embedded corpus, user text, token files, and the global-batch sampler.
+
+Every source ends as two memory-mapped uint16 token files (train, val). Batches follow the
+global-batch contract of DESIGN.md: at optimizer step s the global batch is a fixed set of
+sequences drawn from (seed, s); each rank takes its contiguous slice of it, micro-batch by
+micro-batch, so the model sees the same tokens at step s whatever the layout.
+"""
+
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+import zlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .errors import ConfigError
+
+TOKEN_DTYPE = np.uint16
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = cache_dir or os.environ.get("PARATRAIN_CACHE") or "~/.cache/paratrain"
+    return Path(root).expanduser()
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's own .py sources, without its test suite and installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def text_files(pattern: str) -> tuple[Path, list[Path]]:
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not files:
+        raise ConfigError(
+            f"data.path={pattern!r} matches no file: data.source=text reads every file the glob "
+            f"matches. Point data.path at your text, e.g. data.path='~/corpus/**/*.txt' (quote it)."
+        )
+    return Path(os.path.commonpath([str(p.parent) for p in files])), files
+
+
+def is_val_file(relative_name: str, val_fraction: float) -> bool:
+    """A file belongs to validation by a hash of its name: stable across machines and file order."""
+    return zlib.crc32(relative_name.encode()) % 10_000 < val_fraction * 10_000
+
+
+def _write_atomic(path: Path, tokens: np.ndarray) -> None:
+    # Ranks or jobs may build the same cache at once: each writes its own file, then renames.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tokens.astype(TOKEN_DTYPE).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_dir: Path) -> tuple[Path, Path]:
+    """Tokenise files to bytes once; later runs reuse the memory-mapped result."""
+    names = [f.relative_to(root).as_posix() for f in files]
+    key = hashlib.sha1(repr((sys.version, str(root), val_fraction, [(n, f.stat().st_size) for n, f in zip(names, files)])).encode())
+    out = cache_dir / f"text-{key.hexdigest()[:16]}"
+    train, val = out / "train.u16", out / "val.u16"
+    if train.exists() and val.exists():
+        return train, val
+    out.mkdir(parents=True, exist_ok=True)
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    for name, f in zip(names, files):
+        parts[is_val_file(name, val_fraction)].append(f.read_bytes())
+    for is_val, path in ((True, val), (False, train)):
+        _write_atomic(path, np.frombuffer(b"".join(parts[is_val]), dtype=np.uint8))
+    return train, val
+
+
+def token_files(cfg) -> tuple[Path, Path]:
+    """Resolve data.source to (train, val) uint16 token files, building caches where needed."""
+    if cfg.source == "tokens":
+        path = Path(os.path.expanduser(cfg.path))
+        if not path.is_file():
+            raise ConfigError(
+                f"data.path={cfg.path!r} is not a file: data.source=tokens reads a flat file of "
+                f"uint16 tokens. Give the path of such a file, or use data.source=text for raw text."
+            )
+        split = cache_root(cfg.cache_dir) / f"tokens-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}"
+        train, val = split / "train.u16", split / "val.u16"
+        if not (train.exists() and val.exists()):
+            tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+            cut = int(len(tokens) * (1 - cfg.val_fraction))
+            split.mkdir(parents=True, exist_ok=True)
+            _write_atomic(val, np.asarray(tokens[cut:]))
+            _write_atomic(train, np.asarray(tokens[:cut]))
+        return train, val
+    root, files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
+    return build_text_cache(root, files, cfg.val_fraction, cache_root(cfg.cache_dir))
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def batch_offsets(num_tokens: int, seq_len: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+    """Start offsets of the `batch_size` sequences of global batch `index`: a pure function of its inputs."""
+    rng = np.random.default_rng([seed, index])
+    return rng.integers(0, num_tokens - seq_len - 1, size=batch_size)
+
+
+def sequences(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([tokens[o : o + seq_len + 1] for o in offsets]).astype(np.int64)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]  # inputs, next-byte targets: (B, T) each
+
+
+class TrainBatches(IterableDataset):
+    """Endless per-rank micro-batches: micro-batch m of step s is rank r's slice of sequences
+    [m * B/A, (m + 1) * B/A) of global batch s (B global batch, A accumulation, W ranks)."""
+
+    def __init__(self, path, seq_len, batch_size, seed, rank=0, world_size=1, accumulate=1, start_step=0):
+        self.path, self.seq_len, self.batch_size, self.seed = path, seq_len, batch_size, seed
+        self.rank, self.world_size, self.accumulate, self.start_step = rank, world_size, accumulate, start_step
+        assert batch_size % (world_size * accumulate) == 0, "validate() checks divisibility"
+
+    def __iter__(self):
+        tokens = load_tokens(self.path)
+        micro = self.batch_size // self.accumulate
+        local = micro // self.world_size
+        step = self.start_step
+        while True:
+            offsets = batch_offsets(len(tokens), self.seq_len, self.batch_size, self.seed, step)
+            for m in range(self.accumulate):
+                start = m * micro + self.rank * local
+                yield sequences(tokens, offsets[start : start + local], self.seq_len)
+            step += 1
+
+
+class ValBatches(Dataset):
+    """A fixed set of validation batches (the same at every validation), sliced per rank."""
+
+    def __init__(self, path, seq_len, batch_size, num_batches, seed, rank=0, world_size=1):
+        self.path, self.seq_len, self.batch_size, self.num_batches = path, seq_len, batch_size, num_batches
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def __len__(self):
+        return self.num_batches
+
+    def __getitem__(self, index):
+        tokens = load_tokens(self.path)
+        # A seed of its own, so validation never shares sequences' positions with training batches.
+        offsets = batch_offsets(len(tokens), self.seq_len, self.batch_size, self.seed + 7919, index)
+        local = self.batch_size // self.world_size
+        return sequences(tokens, offsets[self.rank * local : (self.rank + 1) * local], self.seq_len)
+
+
+class ByteDataModule(L.LightningDataModule):
+    def __init__(self, cfg, seed: int, accumulate: int = 1, start_step: int = 0):
+        super().__init__()
+        self.cfg, self.seed, self.accumulate, self.start_step = cfg, seed, accumulate, start_step
+        self.train_path = self.val_path = None
+
+    def prepare_data(self):
+        token_files(self.cfg)  # builds the cache once, on local rank 0
+
+    def setup(self, stage=None):
+        self.train_path, self.val_path = token_files(self.cfg)
+
+    def _rank(self):
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world = self._rank()
+        c = self.cfg
+        data = TrainBatches(self.train_path, c.seq_len, c.batch_size, self.seed, rank, world, self.accumulate, self.start_step)
+        return DataLoader(data, batch_size=None)
+
+    def val_dataloader(self):
+        rank, world = self._rank()
+        c = self.cfg
+        data = ValBatches(self.val_path, c.seq_len, c.batch_size, c.val_batches, self.seed, rank, world)
+        return DataLoader(data, batch_size=None)

@@ -1,0 +1,115 @@
+"""Cross-field rules of a run config, checked before any process is spawned or file written.
+
+Single-key typing is the schema's job (trainer/schema.py); here live the rules that relate keys.
+Each failure is a ConfigError naming the key, the value, the rule and the fix.
+"""
+
+import glob
+import os
+import warnings
+
+from ..strategies.mesh import ParallelDims
+from .errors import ConfigError
+
+STRATEGIES = ("single", "ddp", "expert", "hybrid")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def world_size(cfg) -> int:
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
+def validate_model(m) -> None:
+    _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+             f"model.d_model={m.d_model} is not divisible into model.n_heads={m.n_heads} heads of even width: "
+             f"attention splits the width evenly and rotary positions rotate pairs. Choose d_model a multiple of 2 * n_heads.")
+    for key in ("n_layers", "n_heads", "ffn_dim", "vocab_size"):
+        _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1. Set a positive value.")
+    moe = m.moe
+    if moe is None:
+        return
+    _require(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1. Set a positive count, or model.moe=null for a dense model.")
+    _require(1 <= moe.top_k <= moe.num_experts,
+             f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}: each token "
+             f"picks top_k distinct experts. Use model.moe.top_k<={moe.num_experts}, or add experts.")
+    _require(1 <= moe.every_n_layers <= m.n_layers,
+             f"model.moe.every_n_layers={moe.every_n_layers} must be between 1 and model.n_layers={m.n_layers}, "
+             f"or no layer would be an MoE layer. Use 1 for every layer, 2 for every other one.")
+    _require(moe.capacity_factor is None or moe.capacity_factor > 0,
+             f"model.moe.capacity_factor={moe.capacity_factor} must be positive: it scales each expert's token budget. "
+             f"Use e.g. 1.25, or null for dropless routing.")
+    _require(moe.router_score in ("softmax", "sigmoid"),
+             f"model.moe.router_score={moe.router_score!r} is not a router score function. Use softmax or sigmoid.")
+    for key in ("num_shared_experts", "load_balancing_loss_weight", "z_loss_weight"):
+        _require(getattr(moe, key) >= 0, f"model.moe.{key}={getattr(moe, key)} must not be negative. Use 0 to turn it off.")
+
+
+def validate_optimizer(o, max_steps: int) -> None:
+    _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive: it is the peak learning rate. Use e.g. optimizer.lr=3e-3.")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must not be negative. Use 0 to turn it off.")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must not be negative. Use 0 for no warm-up.")
+    if o.warmup_steps >= max_steps:
+        warnings.warn(f"optimizer.warmup_steps={o.warmup_steps} >= trainer.max_steps={max_steps}: the run ends "
+                      f"before the learning rate reaches optimizer.lr. Lower the warm-up or train longer.")
+    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1: the cosine ends at lr * min_lr_ratio.")
+
+
+def validate_data(d, data_ranks: int, accumulate: int) -> None:
+    _require(d.source in ("stdlib", "text", "tokens"),
+             f"data.source={d.source!r} is not a data source. Use stdlib, text (data.path=GLOB) or tokens (data.path=FILE).")
+    if d.source == "text":
+        _require(bool(glob.glob(os.path.expanduser(d.path), recursive=True)),
+                 f"data.path={d.path!r} matches no file: data.source=text reads every file the glob matches. "
+                 f"Point data.path at existing text files, e.g. data.path='~/corpus/**/*.txt' (quoted).")
+    if d.source == "tokens":
+        _require(os.path.isfile(os.path.expanduser(d.path)),
+                 f"data.path={d.path!r} does not exist: data.source=tokens reads a flat file of uint16 tokens. "
+                 f"Give an existing file, or use data.source=text for raw text.")
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2 tokens. Use e.g. 128.")
+    _require(d.batch_size >= 1 and d.batch_size % (data_ranks * accumulate) == 0,
+             f"data.batch_size={d.batch_size} is not divisible by {data_ranks} data ranks x "
+             f"trainer.accumulate_grad_batches={accumulate} = {data_ranks * accumulate}: data.batch_size is the global "
+             f"batch and every rank must take the same number of sequences per micro-step. "
+             f"Use a multiple of {data_ranks * accumulate}, or change trainer.devices / accumulate_grad_batches.")
+    _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive). Use e.g. 0.05.")
+    _require(d.val_batches >= 1, f"data.val_batches={d.val_batches} must be at least 1.")
+
+
+def validate_trainer(t) -> None:
+    for key in ("devices", "num_nodes", "max_steps", "log_every_n_steps", "val_check_interval",
+                "accumulate_grad_batches", "checkpoint_every_n_steps", "keep_last_checkpoints"):
+        _require(getattr(t, key) >= 1, f"trainer.{key}={getattr(t, key)} must be at least 1. Set a positive integer.")
+    _require(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} is not supported. Use one of {', '.join(PRECISIONS)}.")
+    _require(t.gradient_clip_val is None or t.gradient_clip_val > 0,
+             f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive, or null for no clipping.")
+
+
+def validate_strategy(cfg) -> ParallelDims:
+    s = cfg.strategy
+    _require(s.name in STRATEGIES, f"strategy.name={s.name!r} is not a strategy. Use one of {', '.join(STRATEGIES)}.")
+    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, world_size=world_size(cfg))
+    if dims.ep > 1:
+        _require(cfg.model.moe is not None,
+                 f"strategy={s.name} shards experts over strategy.mesh.ep={dims.ep} ranks, but the model is dense "
+                 f"(model.moe=null): there are no experts to shard. Use an MoE model (e.g. +recipe=moe_8x), or "
+                 f"strategy=ddp for a dense model.")
+        dims.validate_experts(cfg.model.moe.num_experts)
+    _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
+    _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
+    return dims
+
+
+def validate(cfg) -> ParallelDims:
+    """Check every cross-field rule; return the resolved mesh degrees."""
+    validate_trainer(cfg.trainer)
+    validate_model(cfg.model)
+    validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
+    dims = validate_strategy(cfg)
+    # Every rank reads a different shard of the global batch, whatever the mesh axes.
+    validate_data(cfg.data, dims.world_size, cfg.trainer.accumulate_grad_batches)
+    return dims
