@@ -62,6 +62,10 @@ def validate_optimizer(o, max_steps: int) -> None:
 def validate_data(d, data_ranks: int, accumulate: int) -> None:
     _require(d.source in ("stdlib", "text", "tokens"),
              f"data.source={d.source!r} is not a data source. Use stdlib, text (data.path=GLOB) or tokens (data.path=FILE).")
+    if d.source in ("text", "tokens"):
+        what = "a glob of text files" if d.source == "text" else "a file of uint16 tokens"
+        _require(d.path is not None, f"data.path is missing: data.source={d.source} reads {what}. "
+                                     f"Set it, e.g. data.path={'~/corpus/**/*.txt' if d.source == 'text' else '/data/train.u16'}.")
     if d.source == "text":
         _require(bool(glob.glob(os.path.expanduser(d.path), recursive=True)),
                  f"data.path={d.path!r} matches no file: data.source=text reads every file the glob matches. "

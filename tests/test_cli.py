@@ -1,0 +1,80 @@
+"""Tier 4: the real `train` command in a subprocess; the run directory read back."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY, TINY_MOE, metrics, summary, train, train_losses
+
+
+def test_dense_run_writes_a_consistent_run_directory(tmp_path):
+    run_dir = tmp_path / "dense"
+    done = train(TINY, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary(run_dir)
+    rows = metrics(run_dir)
+    assert s["status"] == "completed" and s["steps"] == 6 and s["world_size"] == 1
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert s["final_loss"] == pytest.approx(float(rows[-1]["train/loss"]))
+    assert s["final_val_loss"] == pytest.approx(float([r for r in rows if r["val/loss"]][-1]["val/loss"]))
+    assert s["tokens"] == 6 * 8 * 32 and s["tokens_per_s"] > 0
+    assert s["params_total"] == s["params_active_per_token"] == s["params_per_rank"]
+    assert {"step", "train/loss", "val/loss", "tokens_per_s"} <= set(rows[0])
+    assert train_losses(run_dir)[-1] < train_losses(run_dir)[0]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_moe_run_reports_sparse_parameters_and_expert_load(tmp_path):
+    run_dir = tmp_path / "moe"
+    done = train(TINY_MOE, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary(run_dir)
+    # 2 layers x 3 matrices x d=32 x h=32 x (4 experts - top 2) are stored but not active per token
+    assert s["params_total"] - s["params_active_per_token"] == 2 * 3 * 32 * 32 * (4 - 2)
+    rows = metrics(run_dir)
+    for key in ("train/load_balancing_loss", "train/z_loss", "moe/layer0/imbalance", "moe/layer1/dead_experts"):
+        assert rows[0][key] != "", key
+    assert float(rows[0]["moe/layer0/imbalance"]) >= 1.0
+    assert (run_dir / "plots" / "expert_load.png").stat().st_size > 1000
+
+
+def test_console_script_runs_from_any_directory(tmp_path):
+    exe = shutil.which("train") or str((__import__("pathlib").Path(sys.executable).parent / "train"))
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([exe, "--cfg", "job", "+recipe=moe_8x"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "num_experts: 8" in done.stdout and "top_k: 2" in done.stdout
+
+
+BAD = [
+    (["model.nm_layers=3"], r"nm_layers"),
+    (["strategy=exprt"], r"strategy.*exprt|exprt.*strategy"),
+    (["+recipe=moe_8x", "model.moe.top_k=9"], r"model\.moe\.top_k=9.*num_experts=8"),
+    (["optimizer.lr=-1"], r"optimizer\.lr=-1.*positive"),
+    (["data.batch_size=30", "strategy=ddp", "trainer.devices=4"], r"data\.batch_size=30.*divisible.*4"),
+    (["data=text", "data.path=/nonexistent/*.txt"], r"data\.path='/nonexistent/\*\.txt'.*matches no file"),
+    (["data=tokens", "data.path=/nonexistent.u16"], r"data\.path='/nonexistent\.u16'.*does not exist"),
+    (["data=text"], r"data\.path is missing.*data\.source=text"),
+    (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
+    (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=3", "trainer.devices=4"],
+     r"strategy\.mesh\.dp=2.*strategy\.mesh\.ep=3"),
+]
+
+
+@pytest.mark.parametrize("args,pattern", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_config_exits_2_naming_the_key(args, pattern, tmp_path):
+    import re
+
+    run_dir = tmp_path / "bad"
+    done = train(args, run_dir, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert re.search(pattern, done.stderr, re.S), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (run_dir / "summary.json").exists()
