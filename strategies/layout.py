@@ -11,8 +11,9 @@ from torch import nn
 
 from ..trainer.model import materialize
 from ..trainer.moe import GroupedExperts
-from .grad_sync import GradientSync, reduction_groups_for
-from .mesh import ParallelDims
+from .grad_sync import reduction_groups_for
+from .mesh import ParallelDims, axis_size, ep_group, ep_rank
+from .token_dispatch import AllToAllTokenDispatcher
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
@@ -32,25 +33,26 @@ def apply_expert_sharding(model: nn.Module, dims: ParallelDims, ep_rank: int) ->
 
 
 def apply_token_dispatch(model: nn.Module, mesh) -> None:
-    from .token_dispatch import AllToAllTokenDispatcher
+    """Route every MoE layer's tokens to their expert shards by all-to-all over the ep group.
 
-    group = mesh["ep"].get_group()
+    After `apply_expert_sharding`: the dispatcher checks that each layer holds this ep rank's shard.
+    """
+    group = ep_group(mesh)
     for moe in model.moe_layers():
         moe.dispatcher = AllToAllTokenDispatcher(group)
 
 
-def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: torch.device,
-                 bucket_size_mb: float) -> GradientSync | None:
-    """Shard, materialise, attach dispatch and gradient sync; returns the sync (None on one process)."""
-    ep_rank = mesh["ep"].get_local_rank() if mesh is not None and dims.ep > 1 else 0
+def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: torch.device) -> list | None:
+    """Shard, materialise, attach dispatch; returns the gradient reduction groups (None on one process)."""
+    rank_on_ep = ep_rank(mesh) if mesh is not None and dims.ep > 1 else 0
     if dims.ep > 1:
-        apply_expert_sharding(model, dims, ep_rank)
+        apply_expert_sharding(model, dims, rank_on_ep)
     materialize(model, seed, device)
     if dims.ep > 1:
         apply_token_dispatch(model, mesh)
     if dims.world_size == 1:
         return None
-    return GradientSync(reduction_groups_for(model.parameters(), expert_params(model), mesh), bucket_size_mb)
+    return reduction_groups_for(model.parameters(), expert_params(model), mesh)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, mesh=None) -> torch.Tensor:
@@ -63,8 +65,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh=None) -> torch.Tenso
 
     dense, experts = dense_params(model), expert_params(model)
     expert_sq = squares(experts)
-    if mesh is not None and mesh["ep"].size() > 1:
-        dist.all_reduce(expert_sq, group=mesh["ep"].get_group())  # other ranks hold other experts
+    if mesh is not None and axis_size(mesh, "ep") > 1:
+        dist.all_reduce(expert_sq, group=ep_group(mesh))  # other ranks hold other experts
     total = (squares(dense) + expert_sq).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     grads = [p.grad for p in dense + experts if p.grad is not None]

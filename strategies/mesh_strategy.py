@@ -15,8 +15,11 @@ from lightning.pytorch.strategies.strategy import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .layout import apply_layout, clip_grad_norm_, expert_params
+from . import checkpoint
+from .grad_sync import GradientSync
+from .layout import apply_layout, clip_grad_norm_
 from .mesh import ParallelDims, build_mesh
+from .zero import OptimizerStateSharding
 
 
 class MeshStrategy(ModelParallelStrategy):
@@ -31,6 +34,8 @@ class MeshStrategy(ModelParallelStrategy):
         self.dims: ParallelDims | None = None
         self.mesh = None  # DeviceMesh, built in setup_environment when world_size > 1
         self.grad_sync = None
+        self.reduction_groups = None  # [(params, process group, scale, name)] from the layout
+        self.zero = None  # OptimizerStateSharding when shard_optimizer
         self._sync_blocked = False
 
     @property
@@ -52,8 +57,9 @@ class MeshStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self.grad_sync = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device,
-                                      self.bucket_size_mb)
+        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device)
+        if self.reduction_groups:
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
@@ -62,6 +68,19 @@ class MeshStrategy(ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def setup_optimizers(self, trainer) -> None:
+        super().setup_optimizers(trainer)
+        if self.shard_optimizer and self.reduction_groups:
+            self.zero = OptimizerStateSharding(self.reduction_groups)
+            for optimizer in self.optimizers:
+                self.zero.shard(optimizer)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.zero is not None:
+            self.zero.gather_params()  # owners send the parameters they just updated
+        return output
 
     def describe(self) -> str:
         moe = [m for m in self.lightning_module.model.moe_layers()]
@@ -91,28 +110,35 @@ class MeshStrategy(ModelParallelStrategy):
             return tensor
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
-    # --- checkpoints: whole state from rank 0 (experts gathered) ----------------------------
+    # --- checkpoints: every rank saves and loads what it holds, keyed by parameter name and ---
+    # global expert index (strategies/checkpoint.py), so a checkpoint loads under any mesh.
     @property
     def lightning_restore_optimizer(self) -> bool:
-        return True
+        return False  # load_checkpoint fills the optimizers in place (each rank: the params it holds)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load into the laid-out model and the (possibly sharded) optimizer
 
     def lightning_module_state_dict(self):
-        return Strategy.lightning_module_state_dict(self)
+        return checkpoint.model_state(self.lightning_module)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        Strategy.load_model_state_dict(self, checkpoint, strict=strict)
+        pass  # load_checkpoint has loaded the weights
 
     def optimizer_state(self, optimizer):
-        return Strategy.optimizer_state(self, optimizer)
+        index = next(i for i, o in enumerate(self.optimizers) if o is optimizer)
+        return checkpoint.optimizer_state(self.lightning_module, optimizer, index)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        Strategy.load_optimizer_state_dict(self, checkpoint)
+        pass  # load_checkpoint has loaded the optimizer state
 
-    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+    def save_checkpoint(self, checkpoint_dict, filepath, storage_options=None) -> None:
+        checkpoint.save(filepath, checkpoint_dict)  # collective: every rank writes its shards
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        return Strategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        path = self.broadcast(str(checkpoint_path))  # every rank reads the directory rank 0 chose
+        return checkpoint.load(path, self.lightning_module, self.optimizers)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigCompositionException  # noqa: F401  (hydra re-raises as its own)
 
 from paratrain.strategies import MeshStrategy
 from paratrain.trainer.model import build_model

@@ -5,6 +5,7 @@ Metrics are reduced on every rank at the same steps (a collective); only rank 0 
 
 import csv
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..strategies.zero import optimizer_state_bytes
 from .plots import plot_expert_load, plot_loss_curve
 
 
@@ -28,12 +30,16 @@ class RunDirectory(L.Callback):
         self._columns: list[str] | None = None
         self.load_history: list[tuple[int, torch.Tensor]] = []
         self._val_s = 0.0
+        self._reopenable: int | None = None  # step of the last row, if flush() wrote it early
+        self._last_row_offset = 0  # metrics.csv's size before the last row
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         self._t0 = self._window_t0 = time.perf_counter()
         self._window_val_s, self._window_step = 0.0, trainer.global_step
         self._start_step = trainer.global_step
+        if trainer.global_step > 0 and trainer.is_global_zero:
+            self._continue_metrics(trainer.global_step)  # resumed: after the checkpoint loaded
 
     def on_validation_start(self, trainer, pl_module):
         self._val_t0 = time.perf_counter()
@@ -47,6 +53,8 @@ class RunDirectory(L.Callback):
         val = trainer.callback_metrics.get("val/loss")
         if val is not None and trainer.is_global_zero:
             row = self._pending if self._pending and self._pending["step"] == trainer.global_step else None
+            if row is None and self._reopenable == trainer.global_step:
+                row = self._reopen_last()  # flushed for a checkpoint of this step; val/loss joins it
             if row is None:
                 self._flush()
                 row = self._pending = {"step": trainer.global_step}
@@ -72,12 +80,43 @@ class RunDirectory(L.Callback):
                 if pl_module.expert_load is not None:
                     self.load_history.append((step, pl_module.expert_load))
 
+    def flush(self):
+        """Write the open row now (before a checkpoint, so metrics.csv covers the checkpoint's steps)."""
+        step = self._pending["step"] if self._pending else None
+        self._flush()
+        self._reopenable = step
+
+    def _reopen_last(self) -> dict:
+        os.truncate(self.run_dir / "metrics.csv", self._last_row_offset)
+        self._reopenable = None
+        return self.rows.pop()
+
+    def _continue_metrics(self, step: int) -> None:
+        """A resumed run: keep the rows up to its checkpoint's step, drop later ones (no duplicates)."""
+        path = self.run_dir / "metrics.csv"
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames, [r for r in reader if r.get("step") and int(float(r["step"])) <= step]
+        tmp = path.with_name("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self._columns = columns
+        self.rows = [{k: int(float(v)) if k == "step" else float(v) for k, v in r.items() if v not in (None, "")}
+                     for r in rows]
+
     def _flush(self):
+        self._reopenable = None
         if self._pending is None:
             return
         row, self._pending = self._pending, None
         self.rows.append(row)
         path = self.run_dir / "metrics.csv"
+        self._last_row_offset = path.stat().st_size if path.exists() else 0
         if self._columns is None:
             resumed = path.exists() and path.stat().st_size > 0
             if resumed:
@@ -99,11 +138,13 @@ class RunDirectory(L.Callback):
     def on_train_end(self, trainer, pl_module):
         # Collectives first, on every rank; then rank 0 writes.
         device = pl_module.device
-        local = torch.tensor([peak_rss_mb(), sum(p.numel() for p in pl_module.model.parameters())], device=device)
+        local = torch.tensor([peak_rss_mb(), sum(p.numel() for p in pl_module.model.parameters()),
+                              sum(optimizer_state_bytes(o) for o in trainer.optimizers)], device=device, dtype=torch.float64)
         peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
         if trainer.is_global_zero:
             self._flush()
-            self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]))
+            self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
+                               optimizer_state_bytes=int(peaks[2]))
 
     def on_exception(self, trainer, pl_module, exception):
         # No collectives here: other ranks may be gone.
@@ -111,7 +152,8 @@ class RunDirectory(L.Callback):
             self._flush()
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
 
-    def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, error=None):
+    def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
+                      error=None):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         steps = trainer.global_step
@@ -130,9 +172,12 @@ class RunDirectory(L.Callback):
             **self.layout,
             **self.params,
             "params_per_rank": params_per_rank,
+            "optimizer_state_bytes_per_rank": optimizer_state_bytes,
             "peak_rss_mb": peak_rss if peak_rss is not None else peak_rss_mb(),
             "a2a_bytes_per_step": pl_module.step_metrics.get("a2a_bytes_per_step", 0.0),
         }
+        if getattr(self, "_start_step", 0):
+            summary["resumed_from_step"] = self._start_step
         if error:
             summary["error"] = error
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

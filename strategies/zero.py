@@ -1,0 +1,68 @@
+"""ZeRO-1: shard optimizer state over each parameter's replica group.
+
+Gradients are still all-reduced (strategies/grad_sync.py), so every rank holds every reduced
+gradient and the global clip norm needs nothing new. Each reduction group (dense parameters over
+the world, expert shards over their dp group) splits its parameters between its ranks, whole
+parameters, largest first to the least-loaded rank; a rank's optimizer then holds state only for
+the parameters it owns (AdamW: 2 fp32 tensors per parameter, so state bytes fall by about the group
+size). After the optimizer step each owner broadcasts its updated parameters to its group.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def partition(params: list[nn.Parameter], num_ranks: int) -> list[list[nn.Parameter]]:
+    """Greedy balanced split by size; deterministic, so every rank computes the same plan."""
+    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
+    shares: list[list[int]] = [[] for _ in range(num_ranks)]
+    loads = [0] * num_ranks
+    for i in order:
+        r = min(range(num_ranks), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += params[i].numel()
+    return [[params[i] for i in sorted(share)] for share in shares]
+
+
+class OptimizerStateSharding:
+    def __init__(self, groups):
+        """groups: the gradient-sync reduction groups, (params, process group, ...) each."""
+        self.plan = []  # (process group, [(global rank of owner, params)])
+        self.owned: set[int] = set()
+        for params, group, *_ in groups:
+            size, me = dist.get_world_size(group), dist.get_rank(group)
+            shares = partition(list(params), size)
+            self.plan.append((group, [(dist.get_global_rank(group, r), share) for r, share in enumerate(shares)]))
+            self.owned |= {id(p) for p in shares[me]}
+
+    def shard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep only owned parameters in the optimizer (before it has any state)."""
+        assert not optimizer.state, "shard the optimizer before its first step"
+        for param_group in optimizer.param_groups:
+            param_group["params"] = [p for p in param_group["params"] if id(p) in self.owned]
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """Every owner sends its updated parameters to its group: one broadcast per owner, flat.
+
+        Also drops the gradients of parameters this rank does not own: no optimizer here zeroes
+        them, and a stale gradient would be accumulated into the next step's."""
+        for group, owners in self.plan:
+            for src, params in owners:
+                if src != dist.get_rank():
+                    for p in params:
+                        p.grad = None
+                if not params:
+                    continue
+                flat = torch.cat([p.detach().reshape(-1) for p in params]) if dist.get_rank() == src \
+                    else torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+                dist.broadcast(flat, src=src, group=group)
+                if dist.get_rank() != src:
+                    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+                        p.copy_(chunk.view_as(p))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
