@@ -78,3 +78,24 @@ def test_bad_config_exits_2_naming_the_key(args, pattern, tmp_path):
     assert re.search(pattern, done.stderr, re.S), done.stderr
     assert "Traceback" not in done.stderr
     assert not (run_dir / "summary.json").exists()
+
+
+def test_wheel_ships_configs_and_recipes(tmp_path):
+    """Configs and recipes are package data: `train` composes from an unpacked wheel, not the checkout."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(repo)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("paratrain-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "paratrain/conf/config.yaml" in names and "paratrain/recipes/moe_8x.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "import sys; sys.argv[0] = 'train'; from paratrain.trainer.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "--cfg", "job", "+recipe=moe_8x", "strategy=expert", "trainer.devices=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "num_experts: 8" in done.stdout and "name: expert" in done.stdout
