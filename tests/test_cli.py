@@ -63,6 +63,7 @@ BAD = [
     (["data=tokens", "data.path=/nonexistent.u16"], r"data\.path='/nonexistent\.u16'.*does not exist"),
     (["data=text"], r"data\.path is missing.*data\.source=text"),
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
+    (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
     (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=3", "trainer.devices=4"],
      r"strategy\.mesh\.dp=2.*strategy\.mesh\.ep=3"),
 ]

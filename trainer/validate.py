@@ -6,6 +6,7 @@ Each failure is a ConfigError naming the key, the value, the rule and the fix.
 
 import glob
 import os
+import shutil
 import warnings
 
 from ..strategies.mesh import ParallelDims
@@ -13,6 +14,7 @@ from .errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "expert", "hybrid")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+CLUSTERS = ("local", "slurm")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -96,6 +98,10 @@ def validate_trainer(t) -> None:
 def validate_strategy(cfg) -> ParallelDims:
     s = cfg.strategy
     _require(s.name in STRATEGIES, f"strategy.name={s.name!r} is not a strategy. Use one of {', '.join(STRATEGIES)}.")
+    _require(s.name != "single" or world_size(cfg) == 1,
+             f"strategy=single runs one process, but trainer.devices * trainer.num_nodes = {world_size(cfg)}. "
+             f"Use strategy=ddp (or expert / hybrid for an MoE model) to train on {world_size(cfg)} processes, "
+             f"or set trainer.devices=1.")
     dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, world_size=world_size(cfg))
     if dims.ep > 1:
         _require(cfg.model.moe is not None,
@@ -108,9 +114,42 @@ def validate_strategy(cfg) -> ParallelDims:
     return dims
 
 
+def validate_cluster(cfg, submitting: bool = False) -> None:
+    """cluster=slurm: the job shape Lightning checks inside the job, and (when submitting) sbatch itself."""
+    c, t = cfg.cluster, cfg.trainer
+    _require(c.name in CLUSTERS, f"cluster.name={c.name!r} is not a cluster. Use cluster=local or cluster=slurm.")
+    if c.name != "slurm":
+        return
+    _require(c.tasks_per_node == t.devices,
+             f"cluster.tasks_per_node={c.tasks_per_node} differs from trainer.devices={t.devices}: each SLURM task is "
+             f"one rank, and Lightning requires SLURM_NTASKS_PER_NODE == trainer.devices. Drop the "
+             f"cluster.tasks_per_node override (it follows trainer.devices), or set trainer.devices={c.tasks_per_node}.")
+    _require(c.nodes == t.num_nodes,
+             f"cluster.nodes={c.nodes} differs from trainer.num_nodes={t.num_nodes}: Lightning requires SLURM_NNODES "
+             f"== trainer.num_nodes. Drop the cluster.nodes override (it follows trainer.num_nodes), or set "
+             f"trainer.num_nodes={c.nodes}.")
+    if c.gpus_per_node is not None and t.accelerator in ("gpu", "cuda"):
+        _require(c.gpus_per_node == t.devices,
+                 f"cluster.gpus_per_node={c.gpus_per_node} differs from trainer.devices={t.devices}: with "
+                 f"trainer.accelerator={t.accelerator} each rank drives one GPU. Drop the cluster.gpus_per_node "
+                 f"override (null = trainer.devices), or set trainer.devices={c.gpus_per_node}.")
+    for option in c.sbatch:
+        _require(str(option).startswith("--") and len(str(option)) > 2,
+                 f"cluster.sbatch entry {option!r} is not a long sbatch option: the entries are written as on sbatch's "
+                 f"command line. Use e.g. cluster.sbatch='[--mail-type=END,--exclusive]'.")
+    _require(c.timeout_min >= 1, f"cluster.timeout_min={c.timeout_min} must be at least 1 (minutes). Use e.g. cluster.timeout_min=240.")
+    _require(c.requeue_on_timeout >= 0, f"cluster.requeue_on_timeout={c.requeue_on_timeout} must not be negative. Use 0 to never requeue.")
+    if submitting:
+        _require(shutil.which("sbatch") is not None,
+                 f"cluster=slurm submits jobs with sbatch, but sbatch is not on PATH ({os.environ.get('PATH', '')}). "
+                 f"Run train where SLURM's commands are installed (e.g. a login node), add their directory to PATH, "
+                 f"or use cluster=local.")
+
+
 def validate(cfg) -> ParallelDims:
     """Check every cross-field rule; return the resolved mesh degrees."""
     validate_trainer(cfg.trainer)
+    validate_cluster(cfg)
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
     dims = validate_strategy(cfg)
