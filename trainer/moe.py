@@ -1,0 +1,413 @@
+"""Mixture-of-Experts FFN: router, grouped SwiGLU experts, token dispatch, auxiliary losses.
+
+The layer computes locally and knows nothing about distribution. Moving tokens to their experts is
+the job of a `TokenDispatcher`: `LocalTokenDispatcher` (here) when one process holds every expert;
+an expert-parallel strategy swaps in an all-to-all dispatcher that reuses `permute_by_expert`,
+`unpermute` and `unpermute_and_combine` and shards the experts with `GroupedExperts.keep_experts`.
+
+Shapes: N = tokens (B * T), d = model width, E = routed experts, k = top_k, h = expert width,
+M = kept (token, slot) assignments (N * k when dropless).
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = [
+    "GroupedExperts",
+    "TokenDispatcher",
+    "LocalTokenDispatcher",
+    "Router",
+    "MoE",
+    "permute_by_expert",
+    "unpermute",
+    "unpermute_and_combine",
+    "capacity_keep_mask",
+    "expert_capacity",
+    "load_balancing_loss",
+    "router_z_loss",
+    "grouped_mm_supported",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped experts
+# --------------------------------------------------------------------------------------------
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """Whether `torch._grouped_mm(x, w, offs=...)` is available and correct for these operands.
+
+    Checked on torch 2.13 CPU: fp32, bf16 and fp16 run, fp64 is rejected, and every non-unit
+    stride must be a multiple of 16 bytes (d and h multiples of 4 in fp32, of 8 in bf16).
+    CUDA: bf16 on Hopper (sm90+) is the documented fast path, with the same alignment rule.
+    Anything else takes the per-expert loop.
+    """
+    if not _HAS_GROUPED_MM or x.dtype != w.dtype or not (x.is_contiguous() and w.is_contiguous()):
+        return False
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def _dense_grad(grad: Tensor) -> Tensor:
+    # grouped_mm's backward rejects zero strides, which y.sum() and friends hand back (even for
+    # empty or one-row gradients, which .contiguous() would pass through as they are).
+    if grad.stride() != (grad.shape[1], 1):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+    return grad
+
+
+class GroupedExperts(nn.Module):
+    """`num_local_experts` SwiGLU experts stored as stacked weights, run as grouped GEMMs.
+
+    w1, w3: (E_local, d, h); w2: (E_local, h, d). Local expert i is global expert
+    `expert_offset + i`; a strategy narrows the stack with `keep_experts` to shard experts.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, hidden_dim: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.expert_offset = 0
+        self.d_model = d_model
+        self.hidden_dim = hidden_dim
+        self.use_grouped_mm = True  # False forces the per-expert loop (tests compare the two)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def keep_experts(self, start: int, count: int) -> None:
+        """Keep global experts [start, start + count) and drop the rest (works on meta tensors).
+
+        Called on a freshly built model, before the optimizer sees its parameters.
+        """
+        end = start + count
+        if not (0 <= start and count > 0 and end <= self.num_experts):
+            raise ValueError(
+                f"keep_experts(start={start}, count={count}) is outside the {self.num_experts} "
+                f"experts of this layer: need 0 <= start and start + count <= {self.num_experts}."
+            )
+        lo = start - self.expert_offset
+        if lo < 0 or lo + count > self.num_local_experts:
+            raise ValueError(
+                f"keep_experts(start={start}, count={count}): this module holds experts "
+                f"[{self.expert_offset}, {self.expert_offset + self.num_local_experts}) only."
+            )
+        for name in ("w1", "w3", "w2"):
+            p = getattr(self, name)
+            # clone: the kept slice must own its storage, or the full stack stays alive.
+            setattr(self, name, nn.Parameter(p.detach()[lo : lo + count].clone(),
+                                             requires_grad=p.requires_grad))
+        self.expert_offset = start
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """x: (M, d) rows sorted by local expert; counts: (E_local,) int64 rows per expert.
+
+        Returns (M, d). Rows past counts.sum() are not allowed (grouped_mm leaves them unset).
+        """
+        # w1's last dim is h and x's is d: one check covers all three GEMMs.
+        if self.use_grouped_mm and grouped_mm_supported(x, self.w1):
+            # Three grouped GEMMs, same FLOPs as a dense FFN over M rows; the int32 cumulative
+            # offsets stay on the device (no host sync). Zero-count experts are empty groups:
+            # no output rows and a zero weight gradient. Backward is grouped GEMMs too.
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs))
+            h = h * torch._grouped_mm(x, self.w3, offs=offs)
+            y = torch._grouped_mm(h, self.w2, offs=offs)
+            if y.requires_grad:
+                y.register_hook(_dense_grad)
+            return y
+        return self._forward_loop(x, counts)
+
+    def _forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
+        # Fallback: one small GEMM per expert. counts.tolist() is a device-to-host sync, and
+        # torch.cat copies the outputs once more.
+        outs = []
+        for i, xi in enumerate(torch.split(x, counts.tolist())):
+            h = F.silu(xi @ self.w1[i]) * (xi @ self.w3[i])
+            outs.append(h @ self.w2[i])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+
+# --------------------------------------------------------------------------------------------
+# Permute / un-permute: the pieces every dispatcher shares
+# --------------------------------------------------------------------------------------------
+
+
+def permute_by_expert(
+    x: Tensor, expert_idx: Tensor, keep: Optional[Tensor], num_experts: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gather the kept (token, slot) pairs of x, grouped by expert.
+
+    x: (N, d); expert_idx: (N, k) int64 in [0, num_experts); keep: (N, k) bool or None (= all).
+    Returns x_sorted (M, d), counts (num_experts,) int64, order (M,) int64: the flat slot index
+    (token * k + slot) of each sorted row. The sort is stable, so within an expert rows stay in
+    token order. Costs one gather of M rows; with keep given, one host sync (to size M).
+    """
+    k = expert_idx.shape[1]
+    flat = expert_idx.reshape(-1)
+    if keep is not None:
+        # Dropped slots get the key num_experts, sort last, and are cut off.
+        flat = flat.masked_fill(~keep.reshape(-1), num_experts)
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+        order = torch.sort(flat, stable=True).indices[: int(counts.sum())]
+    else:
+        counts = torch.bincount(flat, minlength=num_experts)
+        order = torch.sort(flat, stable=True).indices
+    x_sorted = x.index_select(0, order // k) if k > 1 else x.index_select(0, order)
+    return x_sorted, counts, order
+
+
+def unpermute(y_sorted: Tensor, order: Tensor, num_rows: int) -> Tensor:
+    """Inverse of a permutation: row i of y_sorted goes to row order[i] of a (num_rows, d) tensor.
+
+    Rows that no sorted row maps to are zero. Costs one scatter of M rows (its backward, one
+    gather); the zero fill is skipped when order covers every row.
+    """
+    m, d = y_sorted.shape
+    out = y_sorted.new_empty(num_rows, d) if m == num_rows else y_sorted.new_zeros(num_rows, d)
+    # In place on a fresh buffer: no autograd copy of `out`.
+    return out.index_copy_(0, order, y_sorted)
+
+
+def unpermute_and_combine(y_sorted: Tensor, order: Tensor, weights: Tensor) -> Tensor:
+    """Sum each token's expert outputs weighted by its router weights; dropped slots add 0.
+
+    y_sorted: (M, d) in the order of `permute_by_expert`; weights: (N, k). Returns (N, d).
+    """
+    n, k = weights.shape
+    # Back to (token, slot) layout with one scatter (no zero fill when nothing was dropped), then
+    # a (1 x k) @ (k x d) product per token. Everything here is memory-bound, and this touches
+    # fewer bytes than scaling the sorted rows and scatter-adding them: forward writes M + N rows
+    # (not 2M + 2N), backward is one (N, k, d) product and one gather.
+    yu = unpermute(y_sorted, order, n * k)
+    return torch.bmm(weights.unsqueeze(1).to(yu.dtype), yu.view(n, k, -1)).squeeze(1)
+
+
+class TokenDispatcher:
+    """Moves the kept (token, slot) pairs to their experts and the results back.
+
+    `__call__(x (N, d), expert_idx (N, k), weights (N, k), keep (N, k) bool or None, experts)`
+    returns (N, d) = sum over kept slots of weight * expert(x). `last_a2a_bytes` is what the last
+    call sent to other ranks (0 when local).
+    """
+
+    last_a2a_bytes: int = 0
+
+    def __call__(
+        self,
+        x: Tensor,
+        expert_idx: Tensor,
+        weights: Tensor,
+        keep: Optional[Tensor],
+        experts: GroupedExperts,
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class LocalTokenDispatcher(TokenDispatcher):
+    """Every expert lives in this process: sort, run the grouped experts, un-sort, combine."""
+
+    def __init__(self):
+        self.last_a2a_bytes = 0
+
+    def __call__(self, x, expert_idx, weights, keep, experts):
+        if experts.num_local_experts != experts.num_experts:
+            raise RuntimeError(
+                f"LocalTokenDispatcher needs all {experts.num_experts} experts, but this module "
+                f"holds {experts.num_local_experts} (it was sharded): the strategy that shards "
+                "experts must also install its all-to-all dispatcher."
+            )
+        x_sorted, counts, order = permute_by_expert(x, expert_idx, keep, experts.num_experts)
+        y_sorted = experts(x_sorted, counts)
+        return unpermute_and_combine(y_sorted, order, weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Router, capacity, auxiliary losses
+# --------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Linear(d, E) logits -> softmax or sigmoid scores -> top_k experts and their weights."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, score: str = "softmax",
+                 renormalize: bool = True):
+        super().__init__()
+        if score not in ("softmax", "sigmoid"):
+            raise ConfigError(
+                f"model.moe.router_score={score!r} is not a router score: use softmax or sigmoid."
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(
+                f"model.moe.top_k={top_k} must be between 1 and model.moe.num_experts="
+                f"{num_experts}: a token cannot pick more experts than exist."
+            )
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.score = score
+        self.renormalize = renormalize
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: (N, d). Returns logits (N, E), probs (N, E) fp32 (sum to 1, for the balancing loss),
+        weights (N, k) fp32 and expert_idx (N, k) int64, best expert first."""
+        logits = self.gate(x)
+        # Scores in fp32: the top_k choice and the weights must not depend on bf16 rounding.
+        if self.score == "softmax":
+            # exp(logits - logsumexp) is torch.softmax, about 5x faster on CPU for rows of E ~ 8
+            # (softmax's kernel vectorises along the short last dim), backward included.
+            lf = logits.float()
+            scores = (lf - torch.logsumexp(lf, dim=-1, keepdim=True)).exp()
+            probs = scores
+        else:
+            scores = torch.sigmoid(logits.float())
+            probs = scores / scores.sum(-1, keepdim=True)
+        weights, expert_idx = torch.topk(scores, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, probs, weights, expert_idx
+
+
+def expert_capacity(capacity_factor: float, seq_len: int, top_k: int, num_experts: int) -> int:
+    """Assignments one expert takes from one sequence: ceil(cf * seq_len * top_k / E)."""
+    return math.ceil(capacity_factor * seq_len * top_k / num_experts)
+
+
+def capacity_keep_mask(expert_idx: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """expert_idx: (S, T, k) -> keep (S, T, k) bool: within each sequence, every expert keeps its
+    first `capacity` assignments in token order (then slot order) and drops the rest.
+
+    Per sequence, so the decision does not depend on how a batch is split over ranks.
+    Memory: one (S, T * k, E) int tensor.
+    """
+    s, t, k = expert_idx.shape
+    flat = expert_idx.reshape(s, t * k)
+    one_hot = F.one_hot(flat, num_experts)  # (S, T*k, E)
+    # Position of each assignment among the assignments to the same expert in its sequence.
+    rank = (one_hot.cumsum(1) - 1).gather(2, flat.unsqueeze(2)).squeeze(2)
+    return (rank < capacity).reshape(s, t, k)
+
+
+def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+    """Switch-Transformer balancing loss E * sum_e f_e * P_e, per sequence, mean over sequences.
+
+    probs: (S, T, E) or (T, E) router probabilities; expert_idx: (S, T, k) or (T, k) assignments
+    before capacity drops. f_e = share of the sequence's T * k assignments that go to e,
+    P_e = mean over the sequence's tokens of probs[..., e]. 1.0 at perfect balance.
+    """
+    if probs.dim() == 2:
+        probs, expert_idx = probs.unsqueeze(0), expert_idx.unsqueeze(0)
+    s, t, k = expert_idx.shape
+    counts = torch.zeros(s, num_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(1, expert_idx.reshape(s, t * k),
+                        torch.ones(s, t * k, device=probs.device, dtype=probs.dtype))
+    f = counts / (t * k)  # (S, E), no gradient: routing is discrete
+    p = probs.mean(1)  # (S, E)
+    return num_experts * (f * p).sum(1).mean()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """Mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps router logits small."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The MoE layer
+# --------------------------------------------------------------------------------------------
+
+
+class SharedExperts(nn.Module):
+    """A SwiGLU FFN every token passes through (width num_shared_experts * expert_ffn_dim)."""
+
+    def __init__(self, d_model: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden_dim, bias=False)
+        self.w3 = nn.Linear(d_model, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Drop-in FFN replacement: y = sum_k w_k * expert_k(x) [+ shared(x)].
+
+    After each forward: `aux_losses` = {"load_balancing", "z_loss"} (unweighted, differentiable)
+    and `stats` = {"tokens_per_expert": (E,) kept assignments of this rank's tokens,
+    "dropped_fraction": scalar} (detached).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, expert_ffn_dim: int,
+                 capacity_factor: Optional[float] = None, num_shared_experts: int = 0,
+                 router_score: str = "softmax", renormalize: bool = True):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.router = Router(d_model, num_experts, top_k, router_score, renormalize)
+        self.experts = GroupedExperts(num_experts, d_model, expert_ffn_dim)
+        self.shared = (SharedExperts(d_model, num_shared_experts * expert_ffn_dim)
+                       if num_shared_experts > 0 else None)
+        self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
+        self.aux_losses: Dict[str, Tensor] = {}
+        self.stats: Dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, d_model: int, ffn_dim: int, moe) -> "MoE":
+        """moe: MoEConfig or its DictConfig; expert_ffn_dim null = the dense ffn_dim."""
+        return cls(
+            d_model=d_model,
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            expert_ffn_dim=moe.expert_ffn_dim or ffn_dim,
+            capacity_factor=moe.capacity_factor,
+            num_shared_experts=moe.num_shared_experts,
+            router_score=moe.router_score,
+            renormalize=moe.renormalize,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        xf = x.reshape(b * t, d)
+        logits, probs, weights, expert_idx = self.router(xf)  # (N, E), (N, E), (N, k), (N, k)
+        e, k = self.num_experts, self.top_k
+
+        keep = None
+        if self.capacity_factor is not None:
+            cap = expert_capacity(self.capacity_factor, t, k, e)
+            keep = capacity_keep_mask(expert_idx.view(b, t, k), e, cap).view(b * t, k)
+
+        y = self.dispatcher(xf, expert_idx, weights.to(x.dtype), keep, self.experts)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+
+        self.aux_losses = {
+            "load_balancing": load_balancing_loss(probs.view(b, t, e), expert_idx.view(b, t, k), e),
+            "z_loss": router_z_loss(logits),
+        }
+        with torch.no_grad():
+            kept_idx = expert_idx if keep is None else expert_idx.masked_fill(~keep, e)
+            tokens_per_expert = torch.bincount(kept_idx.reshape(-1), minlength=e + 1)[:e].float()
+            total = float(b * t * k)
+            self.stats = {
+                "tokens_per_expert": tokens_per_expert,
+                "dropped_fraction": 1.0 - tokens_per_expert.sum() / total,
+            }
+        return y.view(b, t, d)
