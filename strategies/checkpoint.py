@@ -29,12 +29,13 @@ own and work on one process without any (DCP then saves and loads locally).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import random
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +128,13 @@ def rng_state(rank: int) -> dict[str, torch.Tensor]:
     """This rank's torch, numpy, Python (and CUDA) generator states, as tensors."""
     p = f"{RNG}/rank{rank}"
     version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", keys, pos, has_gauss, cached)
     out = {
         f"{p}/torch": torch.get_rng_state(),
         f"{p}/python": torch.tensor([version, *mt], dtype=torch.int64),
         f"{p}/python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
         f"{p}/numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-        f"{p}/numpy_pos": torch.tensor([pos, has_gauss, ], dtype=torch.int64),
+        f"{p}/numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
         f"{p}/numpy_gauss": torch.tensor([cached], dtype=torch.float64),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -169,12 +170,18 @@ class _JSONEncoder(json.JSONEncoder):
             return list(o)
         if isinstance(o, Path):
             return str(o)
-        return f"<{type(o).__name__}>"  # not restorable; never on the resume path (loops, schedules are plain)
+        # Lightning's own state (loops, schedules, precision) is plain data; a callback's may not be.
+        warnings.warn(f"checkpoint: a {type(o).__name__} in the training state is not plain data; it is saved as its "
+                      f"type name only and will not be restored on resume")
+        return f"<{type(o).__name__}>"
 
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, cls=_JSONEncoder) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, cls=_JSONEncoder) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # DCP fsyncs its files too: the manifest must not outlive what it lists
     os.replace(tmp, path)
 
 
@@ -190,7 +197,7 @@ def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
 
 
-# The classes a DCP `.metadata` pickle refers to (torch 2.6 - 2.13). Anything else is refused.
+# The classes a DCP `.metadata` pickle refers to (as written by torch 2.13). Anything else is refused.
 _SAFE_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
@@ -279,6 +286,14 @@ def verify(path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _quiet():
+    # On one process DCP warns that it "assumes the intent is to save in a single process": it is.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        yield
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -307,7 +322,8 @@ def save(path, checkpoint: dict) -> None:
         tensors.update(opt["state"])
         optimizers.append({"param_groups": opt["param_groups"]})
     tensors.update(rng_state(rank))
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(path, thread_count=1))
+    with _quiet():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(path, thread_count=1))
     # Each rank checksums the data files it wrote (DCP names them __RANK_N.distcp): in parallel.
     mine = {f.name: _file_entry(f) for f in sorted(path.glob(f"__{rank}_*"))}
     files = {k: v for part in _all_gather(mine) for k, v in part.items()}
@@ -361,10 +377,22 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
     targets = model_state(module)
     _check_shapes({k: tuple(v.shape) for k, v in targets.items()}, saved, path)
 
+    saved_groups = [o["param_groups"] for o in meta.get("optimizers", [])]
+    for optimizer, groups in zip(optimizers, saved_groups):
+        if len(groups) != len(optimizer.param_groups):
+            raise CheckpointError(
+                f"checkpoint {path} has {len(groups)} optimizer parameter groups, this run "
+                f"{len(optimizer.param_groups)}: the optimizer set-up changed. Resume with the same optimizer.")
+
     # Optimizer state: allocate what the checkpoint holds for the parameters in this rank's optimizer.
+    state_keys: dict[str, list[str]] = {}  # "optim/<name>[/expert/<i>]/" -> ["exp_avg", "step", ...]
+    for key in saved:
+        if key.startswith(OPTIM):
+            head, _, leaf = key.rpartition("/")
+            state_keys.setdefault(head + "/", []).append(leaf)
     names = {id(p): name for name, p in module.named_parameters()}
     experts = _expert_modules(module)
-    wanted = []  # (optimizer, param, owner, [per-expert key prefixes])
+    wanted = []  # (param, its group, owner GroupedExperts or None, per-expert key heads, state keys)
     for index, optimizer in enumerate(optimizers):
         prefix = _optim_prefix(index)
         for group in optimizer.param_groups:
@@ -373,41 +401,35 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
                 owner = experts.get(name.rpartition(".")[0])
                 heads = ([f"{prefix}/{name}{EXPERT}{owner.expert_offset + i}/" for i in range(owner.num_local_experts)]
                          if owner is not None else [f"{prefix}/{name}/"])
+                leaves = sorted(state_keys.get(heads[0], []))
                 for head in heads:
-                    for key, md in saved.items():
-                        if key.startswith(head) and "/" not in key[len(head):]:
-                            targets[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                wanted.append((optimizer, p, owner, heads))
+                    for leaf in leaves:
+                        md = saved[head + leaf]
+                        targets[head + leaf] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                wanted.append((optimizer, p, group, owner, heads, leaves))
 
     rng_rank = rank if f"{RNG}/rank{rank}/torch" in saved else 0  # a rank the checkpoint did not have
     rng_keys = [k for k in saved if k.startswith(f"{RNG}/rank{rng_rank}/")]
     for key in rng_keys:
         targets[key] = torch.empty(tuple(saved[key].size), dtype=saved[key].properties.dtype)
 
-    dcp.load(targets, storage_reader=SafeReader(path))
+    with _quiet():
+        dcp.load(targets, storage_reader=SafeReader(path))
 
-    for optimizer, p, owner, heads in wanted:
-        keys = sorted({k[len(heads[0]):] for k in targets if k.startswith(heads[0])})
-        if not keys:
-            continue
+    for optimizer, p, group, owner, heads, leaves in wanted:
         state = {}
-        for key in keys:
-            parts = [targets[head + key] for head in heads]
+        for leaf in leaves:
+            parts = [targets[head + leaf] for head in heads]
             # An expert stack's state is (E_local, ...) again; its scalars were copies: take one.
             value = torch.stack(parts) if owner is not None and parts[0].ndim > 0 else parts[0]
             # Scalars (Adam's step) stay on the CPU as torch keeps them, unless the optimizer is on-device.
-            group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
             on_device = value.ndim > 0 or group.get("capturable") or group.get("fused")
-            state[key] = value.to(p.device) if on_device else value
-        optimizer.state[p] = state
-
-    for optimizer, saved_groups in zip(optimizers, [o["param_groups"] for o in meta.get("optimizers", [])]):
-        if len(saved_groups) != len(optimizer.param_groups):
-            raise CheckpointError(
-                f"checkpoint {path} has {len(saved_groups)} optimizer parameter groups, this run "
-                f"{len(optimizer.param_groups)}: the optimizer set-up changed. Resume with the same optimizer.")
-        for group, values in zip(optimizer.param_groups, saved_groups):
-            group.update(values)
+            state[leaf] = value.to(p.device) if on_device else value
+        if state:
+            optimizer.state[p] = state
+    for optimizer, groups in zip(optimizers, saved_groups):
+        for group, values in zip(optimizer.param_groups, groups):
+            group.update(values)  # the scheduled lr of the step the checkpoint ends
 
     restore_rng({k.replace(f"rank{rng_rank}/", f"rank{rank}/"): targets[k] for k in rng_keys}, rank)
     return meta
@@ -420,7 +442,8 @@ def consolidated_model_state(path) -> dict[str, torch.Tensor]:
     saved = tensor_metadata(path)
     keys = [k for k in saved if not k.startswith((OPTIM, RNG + "/"))]
     flat = {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in keys}
-    dcp.load(flat, storage_reader=SafeReader(path), no_dist=True)
+    with _quiet():
+        dcp.load(flat, storage_reader=SafeReader(path), no_dist=True)
     out, stacks = {}, {}
     for key, tensor in flat.items():
         if EXPERT in key:

@@ -4,6 +4,7 @@ Metrics are reduced on every rank at the same steps (a collective); only rank 0 
 """
 
 import csv
+import logging
 import json
 import os
 import resource
@@ -15,6 +16,8 @@ import torch
 
 from ..strategies.zero import optimizer_state_bytes
 from .plots import plot_expert_load, plot_loss_curve
+
+log = logging.getLogger("paratrain")
 
 
 def peak_rss_mb() -> float:
@@ -64,8 +67,6 @@ class RunDirectory(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if step_done:
-            pl_module.log("step", float(step), logger=False)  # what ModelCheckpoint ranks by
         if step_done and (step % self.log_every == 0 or step >= trainer.max_steps):
             metrics = pl_module.reduce_step_metrics()  # collective: every rank, same steps
             now = time.perf_counter()
@@ -89,7 +90,8 @@ class RunDirectory(L.Callback):
     def _reopen_last(self) -> dict:
         os.truncate(self.run_dir / "metrics.csv", self._last_row_offset)
         self._reopenable = None
-        return self.rows.pop()
+        self._pending = self.rows.pop()
+        return self._pending
 
     def _continue_metrics(self, step: int) -> None:
         """A resumed run: keep the rows up to its checkpoint's step, drop later ones (no duplicates)."""
@@ -133,6 +135,9 @@ class RunDirectory(L.Callback):
             if mode == "w":
                 writer.writeheader()
             writer.writerow(row)
+        # One greppable line per row in the run's log: `grep 'step=' train.log`.
+        log.info(" ".join(f"{k}={row[k]:.5g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                          for k in ("step", "train/loss", "val/loss", "tokens_per_s", "lr") if k in row))
 
     # --- end of run -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):

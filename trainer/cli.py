@@ -13,7 +13,7 @@ import warnings
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -23,6 +23,9 @@ from .model import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
 from .callbacks import RunDirectory
+from .checkpointing import Checkpointer, resolve_resume
+from . import faults
+from . import slurm, sweep
 from .schema import register_configs
 from .validate import validate
 
@@ -37,13 +40,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__`.*")
     warnings.filterwarnings("ignore", message=".*is a checkpoint directory.*")
-
-
-def checkpoints(run_dir: str, t) -> ModelCheckpoint:
-    """Resumable checkpoints every N steps and at the end; the newest K are kept."""
-    return ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:06d}",
-                           auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_n_steps,
-                           save_top_k=t.keep_last_checkpoints, monitor="step", mode="max", save_last=False)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -65,6 +61,8 @@ def run(cfg: DictConfig) -> dict:
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
     layout = {"strategy": cfg.strategy.name, "mesh": {"dp": dims.dp, "ep": dims.ep}, "layout": dims.describe(num_experts)}
     run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps)
+    ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
+    checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
     log.info("run directory: %s", run_dir)
 
     trainer = L.Trainer(
@@ -73,10 +71,10 @@ def run(cfg: DictConfig) -> dict:
         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=cfg.data.val_batches,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
-        use_distributed_sampler=False, default_root_dir=run_dir,
-        callbacks=[run_directory, checkpoints(run_dir, t)],
+        use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
+        enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t)],
     )
-    trainer.fit(task, datamodule=data)
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
     return run_directory
 
 
@@ -85,7 +83,16 @@ def hydra_main(cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
     try:
-        run(cfg)
+        if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
+            slurm.run_in_job(cfg, run)
+        elif cfg.cluster.name == "slurm":  # not in the job yet: submit one, follow it
+            status = slurm.submit(cfg)
+            if status:
+                sys.exit(status)
+        elif HydraConfig.get().mode == RunMode.MULTIRUN:  # a local sweep job: its own process tree
+            sweep.run_sweep_job()
+        else:
+            run(cfg)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
@@ -99,6 +106,8 @@ def main() -> None:
         if e.code == 1 and not _job_started:
             sys.exit(ConfigError.exit_code)
         raise
+    if sweep.failed_jobs():  # a sweep ran every job; some failed (sweep_summary.md says which and why)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,10 @@ class ByteDataModule(L.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank()
         c = self.cfg
-        data = TrainBatches(self.train_path, c.seq_len, c.batch_size, self.seed, rank, world, self.accumulate, self.start_step)
+        # Lightning asks for the loader after restoring a checkpoint: a resumed run reads on from
+        # its global step (the data order is a pure function of (seed, step)).
+        start = self.trainer.global_step if self.trainer is not None else self.start_step
+        data = TrainBatches(self.train_path, c.seq_len, c.batch_size, self.seed, rank, world, self.accumulate, start)
         return DataLoader(data, batch_size=None)
 
     def val_dataloader(self):

@@ -95,7 +95,7 @@ class OptimizerConfig:
     """Adam betas; null = the optimizer's default."""
     momentum: Optional[float] = None
     """SGD momentum; null = the optimizer's default."""
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     """Linear warm-up from 0 to lr over this many optimizer steps."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio at trainer.max_steps."""
@@ -122,8 +122,43 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where a run's processes start. The keys below `name` apply to cluster=slurm (conf/cluster/slurm.yaml):
+    trainer/slurm.py turns them into submitit's sbatch parameters, for a single run and for a sweep."""
+
     name: str = "local"
-    """local | slurm."""
+    """local (trainer.devices processes on this machine) | slurm (submitted with sbatch through submitit)."""
+    wait: bool = True
+    """slurm, single run: wait for the job and stream its log; false = print the job id and return."""
+    partition: Optional[str] = None
+    """sbatch --partition; null = the cluster's default partition."""
+    account: Optional[str] = None
+    """sbatch --account."""
+    qos: Optional[str] = None
+    """sbatch --qos."""
+    constraint: Optional[str] = None
+    """sbatch --constraint, e.g. 'a100|h100'."""
+    timeout_min: int = 60
+    """Time limit of one job (minutes); at the limit the job checkpoints and is requeued (see requeue_on_timeout)."""
+    nodes: int = "${trainer.num_nodes}"  # type: ignore[assignment]
+    """sbatch --nodes; follows trainer.num_nodes (Lightning requires SLURM_NNODES == trainer.num_nodes)."""
+    tasks_per_node: int = "${trainer.devices}"  # type: ignore[assignment]
+    """sbatch --ntasks-per-node: one task per rank; follows trainer.devices (Lightning requires equality)."""
+    gpus_per_node: Optional[int] = None
+    """sbatch --gpus-per-node; null = trainer.devices when trainer.accelerator is gpu or cuda, else none."""
+    cpus_per_task: Optional[int] = None
+    """sbatch --cpus-per-task; null = the cluster's default."""
+    mem_gb: Optional[int] = None
+    """sbatch --mem per node in GB; null = the cluster's default."""
+    sbatch: List[str] = field(default_factory=list)
+    """Extra sbatch options as on sbatch's command line, e.g. 'cluster.sbatch=[--mail-type END,--exclusive]'
+    (Hydra wants an '=' inside a list quoted: 'cluster.sbatch=["--mail-type=END"]')."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run in the job before the tasks start, e.g. ['source $HOME/venv/bin/activate']."""
+    requeue_on_timeout: int = 3
+    """Times a job that reaches timeout_min is requeued to continue from its newest checkpoint; 0 = never.
+    A preempted job is always requeued."""
+    signal_delay_s: int = 120
+    """The job is signalled (SIGUSR2, handled by submitit) this many seconds before its time limit."""
 
 
 @dataclass
@@ -134,11 +169,11 @@ class TrainerConfig:
     """Processes per node."""
     num_nodes: int = 1
     """Nodes."""
-    max_steps: int = 600
+    max_steps: int = 400
     """Optimizer steps to train for."""
     log_every_n_steps: int = 10
     """Write a metrics row every this many optimizer steps."""
-    val_check_interval: int = 200
+    val_check_interval: int = 100
     """Validate every this many optimizer steps (and at the end)."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step; the global batch is split over them."""
@@ -152,6 +187,8 @@ class TrainerConfig:
     """Save a resumable checkpoint every this many optimizer steps (and at the end)."""
     keep_last_checkpoints: int = 2
     """Checkpoints kept in the run directory."""
+    on_nonfinite_loss: str = "error"
+    """A NaN/inf loss: error (stop before the update; no NaN weights are saved) | skip (drop that step's update)."""
 
 
 @dataclass

@@ -136,7 +136,7 @@ def validate_cluster(cfg, submitting: bool = False) -> None:
     for option in c.sbatch:
         _require(str(option).startswith("--") and len(str(option)) > 2,
                  f"cluster.sbatch entry {option!r} is not a long sbatch option: the entries are written as on sbatch's "
-                 f"command line. Use e.g. cluster.sbatch='[--mail-type=END,--exclusive]'.")
+                 f"command line. Use e.g. 'cluster.sbatch=[--mail-type END,--exclusive]'.")
     _require(c.timeout_min >= 1, f"cluster.timeout_min={c.timeout_min} must be at least 1 (minutes). Use e.g. cluster.timeout_min=240.")
     _require(c.requeue_on_timeout >= 0, f"cluster.requeue_on_timeout={c.requeue_on_timeout} must not be negative. Use 0 to never requeue.")
     if submitting:
