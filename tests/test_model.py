@@ -1,4 +1,4 @@
-"""Transformer: layout-independent init, meta-device building, expert sharding, counting, learning."""
+"""Transformer: layout-independent init, meta-device build, expert sharding, counting, learning."""
 
 import ast
 from pathlib import Path

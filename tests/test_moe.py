@@ -308,3 +308,33 @@ def test_bad_router_settings_are_config_errors():
         MoE(8, num_experts=4, top_k=5, expert_ffn_dim=8)
     with pytest.raises(ConfigError, match=r"router_score='tanh'.*softmax or sigmoid"):
         MoE(8, num_experts=4, top_k=2, expert_ffn_dim=8, router_score="tanh")
+
+
+def test_bf16_layer_runs_grouped_mm_and_tracks_fp32():
+    moe = make_moe(capacity_factor=1.0)
+    x = torch.randn(2, 8, 16)
+    y32 = moe(x)
+    moe16 = make_moe(capacity_factor=1.0).to(torch.bfloat16)
+    xb = x.bfloat16().requires_grad_()
+    assert grouped_mm_supported(xb, moe16.experts.w1)
+    y16 = moe16(xb)
+    assert y16.dtype == torch.bfloat16
+    y16.float().square().sum().backward()
+    assert moe16.experts.w1.grad.dtype == torch.bfloat16
+    assert moe16.router.gate.weight.grad.abs().sum() > 0
+    # bf16 keeps 8 bits of mantissa; relative to the output scale, errors here are ~2e-4
+    # typical and ~1e-2 at worst (fixed seed, no top-2 choice flips under rounding).
+    err = (y16.float() - y32).abs() / y32.abs().max()
+    assert err.median() < 5e-3 and err.max() < 5e-2
+
+
+def test_combine_gradcheck_with_dropped_slots():
+    # Finite differences in float64 (gradcheck's default tolerances: atol 1e-5, rtol 1e-3).
+    torch.manual_seed(0)
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2], [1, 0]])
+    keep = torch.tensor([[True, True], [True, False], [True, True], [False, True], [True, True]])
+    x = torch.randn(5, 3, dtype=torch.float64)
+    _, _, order = permute_by_expert(x, idx, keep, 3)
+    y = torch.randn(len(order), 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, w: unpermute_and_combine(y, order, w), (y, w))

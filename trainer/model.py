@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .moe import GroupedExperts, MoE
+from .moe import GroupedExperts, MoE, SwiGLU  # SwiGLU is the dense FFN too
 
 __all__ = [
     "RMSNorm",
@@ -111,17 +111,6 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden_dim, bias=False)
-        self.w3 = nn.Linear(d_model, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -25,6 +25,7 @@ __all__ = [
     "LocalTokenDispatcher",
     "Router",
     "MoE",
+    "SwiGLU",
     "permute_by_expert",
     "unpermute",
     "unpermute_and_combine",
@@ -123,9 +124,10 @@ class GroupedExperts(nn.Module):
         """
         # w1's last dim is h and x's is d: one check covers all three GEMMs.
         if self.use_grouped_mm and grouped_mm_supported(x, self.w1):
-            # Three grouped GEMMs, same FLOPs as a dense FFN over M rows; the int32 cumulative
+            # Three grouped GEMMs: the FLOPs of a dense FFN over M rows, and on CPU about its
+            # time too (torch runs one GEMM per group; bench/bench_moe.py). The int32 cumulative
             # offsets stay on the device (no host sync). Zero-count experts are empty groups:
-            # no output rows and a zero weight gradient. Backward is grouped GEMMs too.
+            # no output rows, a zero weight gradient. The backward is grouped GEMMs as well.
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h = F.silu(torch._grouped_mm(x, self.w1, offs=offs))
             h = h * torch._grouped_mm(x, self.w3, offs=offs)
@@ -186,18 +188,48 @@ def unpermute(y_sorted: Tensor, order: Tensor, num_rows: int) -> Tensor:
     return out.index_copy_(0, order, y_sorted)
 
 
+class _Combine(torch.autograd.Function):
+    """out[t] = sum over kept slots j of weights[t, j] * y_sorted[row of (t, j)].
+
+    Hand-written because everything here is memory-bound: autograd through `y * w` and index_add
+    (or through an un-permute and a bmm) allocates and streams two more (M, d) tensors than this.
+    Forward: one scaled copy and one scatter-add. Backward: one gather, scaled in place, and a
+    row-wise dot product for the weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, y_sorted: Tensor, weights: Tensor, order: Tensor) -> Tensor:
+        n, k = weights.shape
+        token = order // k  # (M,) token of each sorted row
+        w_sorted = weights.reshape(-1).index_select(0, order).to(y_sorted.dtype)  # (M,)
+        out = y_sorted.new_zeros(n, y_sorted.shape[1])
+        out.index_add_(0, token, y_sorted * w_sorted.unsqueeze(1))
+        ctx.save_for_backward(y_sorted, w_sorted, token, order)
+        ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        y_sorted, w_sorted, token, order = ctx.saved_tensors
+        grad_rows = grad_out.index_select(0, token)  # (M, d)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_w_sorted = torch.einsum("md,md->m", grad_rows, y_sorted)
+            n, k = ctx.weights_shape
+            grad_weights = grad_w_sorted.new_zeros(n * k).index_copy_(0, order, grad_w_sorted)
+            grad_weights = grad_weights.view(n, k).to(ctx.weights_dtype)  # dropped slots: 0
+        grad_y = grad_rows.mul_(w_sorted.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_weights, None
+
+
 def unpermute_and_combine(y_sorted: Tensor, order: Tensor, weights: Tensor) -> Tensor:
     """Sum each token's expert outputs weighted by its router weights; dropped slots add 0.
 
-    y_sorted: (M, d) in the order of `permute_by_expert`; weights: (N, k). Returns (N, d).
+    y_sorted: (M, d) in the order of `permute_by_expert`; order: (M,) its flat slot indices
+    (token * k + slot, distinct); weights: (N, k). Returns (N, d). Differentiable in y_sorted
+    and weights.
     """
-    n, k = weights.shape
-    # Back to (token, slot) layout with one scatter (no zero fill when nothing was dropped), then
-    # a (1 x k) @ (k x d) product per token. Everything here is memory-bound, and this touches
-    # fewer bytes than scaling the sorted rows and scatter-adding them: forward writes M + N rows
-    # (not 2M + 2N), backward is one (N, k, d) product and one gather.
-    yu = unpermute(y_sorted, order, n * k)
-    return torch.bmm(weights.unsqueeze(1).to(yu.dtype), yu.view(n, k, -1)).squeeze(1)
+    return _Combine.apply(y_sorted, weights, order)
 
 
 class TokenDispatcher:
@@ -333,8 +365,8 @@ def router_z_loss(logits: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class SharedExperts(nn.Module):
-    """A SwiGLU FFN every token passes through (width num_shared_experts * expert_ffn_dim)."""
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN: w2(silu(w1 x) * w3 x), no biases. Also the MoE's shared experts."""
 
     def __init__(self, d_model: int, hidden_dim: int):
         super().__init__()
@@ -363,7 +395,8 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.router = Router(d_model, num_experts, top_k, router_score, renormalize)
         self.experts = GroupedExperts(num_experts, d_model, expert_ffn_dim)
-        self.shared = (SharedExperts(d_model, num_shared_experts * expert_ffn_dim)
+        # Shared experts: one SwiGLU of width num_shared_experts * expert_ffn_dim, every token.
+        self.shared = (SwiGLU(d_model, num_shared_experts * expert_ffn_dim)
                        if num_shared_experts > 0 else None)
         self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
         self.aux_losses: Dict[str, Tensor] = {}
