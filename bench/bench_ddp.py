@@ -1,0 +1,162 @@
+"""Data-parallel gradient sync: our `ddp` (MeshStrategy) vs Lightning's `DDPStrategy`, and weak scaling.
+
+    python bench/bench_ddp.py [--steps 40] [--warmup 10] [--batch 16] [--rounds 3]
+
+Three variants, each in its own process tree (gloo, one thread per process, OMP_NUM_THREADS=1):
+  single     1 process,   MeshStrategy single, global batch B   (weak-scaling baseline)
+  ours       2 processes, MeshStrategy ddp,    global batch 2B  (our bucketed all-reduce)
+  lightning  2 processes, Lightning DDPStrategy (torch DDP), global batch 2B
+B = --batch sequences of 128 bytes per process in every variant. Same model (the dense default,
+4 x 128), same initial weights, same data slices, same AdamW and schedule, no clipping (Lightning's
+DDP knows nothing of sharded norms) and no validation, checkpoints or progress bar: the only
+difference between `ours` and `lightning` is the strategy. Each run checks that it really ran
+the intended world size, per-rank batch and gradient sync, and reports rank 0's last loss: `ours`
+and `lightning` do the same math, so the two losses must agree (to float rounding).
+
+Step time = the interval between successive `on_train_batch_end` calls on rank 0 (forward,
+backward, gradient sync, optimizer step, next batch), median over the steps after --warmup.
+The variants run --rounds times in rotated order; the table shows the median over rounds.
+Targets (DESIGN.md): ours / lightning step time <= 1.0; weak scaling t_single / t_ours >= 0.9.
+2 processes need 2 free cores: on a loaded machine both ratios mostly measure the load.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchlib import bench_env, load_note
+
+SEQ_LEN = 128
+VARIANTS = [("single", 1), ("ours", 2), ("lightning", 2)]
+
+
+def worker(args) -> None:
+    """One training run under Lightning; rank 0 writes its measurements to args.out."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+    from omegaconf import OmegaConf
+
+    from paratrain.strategies import MeshStrategy
+    from paratrain.trainer.data import ByteDataModule
+    from paratrain.trainer.model import build_model
+    from paratrain.trainer.module import LanguageModelTask
+    from paratrain.trainer.schema import DataConfig, ModelConfig, OptimizerConfig
+
+    torch.set_num_threads(1)
+    data_cfg = OmegaConf.structured(DataConfig(batch_size=args.global_batch, seq_len=SEQ_LEN, val_batches=1))
+    model_cfg = OmegaConf.structured(ModelConfig())
+    opt_cfg = OmegaConf.structured(OptimizerConfig(betas=[0.9, 0.95], warmup_steps=5))
+    if args.kind == "lightning":
+        # Same weights as the meta-built model that MeshStrategy materialises: seeded by name.
+        model = build_model(model_cfg, 0, device="cpu")
+        strategy = DDPStrategy(process_group_backend="gloo")
+    else:
+        model = build_model(model_cfg, 0, device="meta")
+        strategy = MeshStrategy(name="ddp" if args.devices > 1 else "single", mesh={"dp": -1, "ep": 1})
+    task = LanguageModelTask(model, opt_cfg, args.steps, tokens_per_step=args.global_batch * SEQ_LEN)
+    task.seed = 0
+    stamps, seen = [], {}
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("local_batch", list(batch[0].shape))
+            seen.setdefault("wrapped", type(trainer.strategy.model).__name__)  # unwrapped again at teardown
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stamps.append(time.perf_counter())
+            seen["last_loss"] = float(outputs["loss"])
+            sync = getattr(trainer.strategy, "grad_sync", None)
+            if sync is not None:
+                seen["sync"] = f"ours: {sync.num_allreduce_calls} all-reduce/step, {sync.allreduce_bytes / 1e6:.2f} MB"
+
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[StepClock()])
+    trainer.fit(task, datamodule=ByteDataModule(data_cfg, 0))
+    if trainer.is_global_zero:
+        steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
+        ddp = seen["wrapped"] == "DistributedDataParallel"
+        sync = seen.get("sync") or ("Lightning: torch DistributedDataParallel" if ddp else "none")
+        with open(args.out, "w") as f:
+            json.dump({"median_step_s": statistics.median(steps), "timed_steps": len(steps),
+                       "world_size": trainer.world_size, "threads": torch.get_num_threads(),
+                       "local_batch": seen["local_batch"], "sync": sync, "last_loss": seen["last_loss"]}, f)
+
+
+def run(kind: str, devices: int, per_process_batch: int, args, tmp: str, round_: int) -> dict:
+    out = os.path.join(tmp, f"{kind}-{round_}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--devices", str(devices),
+           "--global-batch", str(devices * per_process_batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--out", out]
+    try:
+        proc = subprocess.run(cmd, env=bench_env(), capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{kind} ({devices} processes) did not finish in {args.timeout} s")
+    if proc.returncode != 0 or not os.path.exists(out):
+        sys.exit(f"{kind} ({devices} processes) failed with exit status {proc.returncode}:\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    # The point of the comparison: each variant ran what its name says.
+    expected = {"world_size": devices, "local_batch": [per_process_batch, SEQ_LEN], "threads": 1}
+    for key, value in expected.items():
+        if result[key] != value:
+            sys.exit(f"{kind}: {key}={result[key]}, expected {value}")
+    if devices > 1 and result["sync"] == "none":
+        sys.exit(f"{kind}: no gradient sync found on {devices} processes")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
+    p.add_argument("--batch", type=int, default=16, help="sequences per process (all variants)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of every variant, in rotated order")
+    p.add_argument("--timeout", type=int, default=600, help="seconds allowed per run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--global-batch", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.kind = args.worker
+        return worker(args)
+    if args.steps < args.warmup + 3:
+        p.error(f"--steps={args.steps} leaves fewer than 2 timed steps after --warmup={args.warmup}")
+
+    load_before = os.getloadavg()[0]  # other people's work: ours has not started yet
+    results = {kind: [] for kind, _ in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="bench_ddp-") as tmp:
+        for r in range(args.rounds):
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+            for kind, devices in order:
+                t0 = time.perf_counter()
+                results[kind].append(run(kind, devices, args.batch, args, tmp, r))
+                print(f"  round {r + 1}/{args.rounds} {kind:<10} {results[kind][-1]['median_step_s'] * 1e3:7.1f} "
+                      f"ms/step ({time.perf_counter() - t0:.0f} s run)", flush=True)
+
+    t = {kind: statistics.median(x["median_step_s"] for x in rs) for kind, rs in results.items()}
+    tok = SEQ_LEN * args.batch
+    print(f"dense 4x128, {args.batch} x {SEQ_LEN} tokens per process, 1 thread per process, gloo; "
+          f"median step after {args.warmup} warm-up steps, median of {args.rounds} round(s)")
+    print(f"{'variant':<11}{'procs':>6}{'step ms':>9}{'tokens/s':>10}{'last loss':>11}  gradient sync")
+    for kind, devices in VARIANTS:
+        last = results[kind][-1]
+        print(f"{kind:<11}{devices:>6}{t[kind] * 1e3:>9.1f}{devices * tok / t[kind]:>10.0f}"
+              f"{last['last_loss']:>11.5f}  {last['sync']}")
+    loss_gap = abs(results["ours"][-1]["last_loss"] - results["lightning"][-1]["last_loss"])
+    print(f"ours vs lightning last loss |diff|: {loss_gap:.2e}  (same math: expect ~1e-5 or less)")
+    print(f"ours / lightning step time:        {t['ours'] / t['lightning']:.3f}  (target <= 1.0)")
+    print(f"weak scaling 1 -> 2, ours:         {t['single'] / t['ours']:.3f}  (target >= 0.9)")
+    print(f"weak scaling 1 -> 2, lightning:    {t['single'] / t['lightning']:.3f}")
+    print(load_note(load_before, "the 2-process figures mostly measure the load"))
+
+
+if __name__ == "__main__":
+    main()
