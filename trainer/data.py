@@ -161,10 +161,12 @@ class ByteDataModule(L.LightningDataModule):
         self.train_path = self.val_path = None
 
     def prepare_data(self):
-        token_files(self.cfg)  # builds the cache once, on local rank 0
+        # Builds the cache once, on local rank 0; listing the corpus again in setup() costs ~1 s.
+        self.train_path, self.val_path = token_files(self.cfg)
 
     def setup(self, stage=None):
-        self.train_path, self.val_path = token_files(self.cfg)
+        if self.train_path is None:  # ranks that did not prepare the data
+            self.train_path, self.val_path = token_files(self.cfg)
 
     def _rank(self):
         trainer = self.trainer
