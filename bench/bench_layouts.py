@@ -13,8 +13,8 @@ Runs the real `train` command once per layout, one after another, one thread per
 Validation and intermediate checkpoints are pushed past the end (data.val_batches=1). Figures:
 tokens/s = median of metrics.csv `tokens_per_s` rows whose window starts at or after --warmup
 (one row per --log-every steps); from summary.json: peak_rss_mb (max over ranks), params_per_rank,
-optimizer_state_bytes_per_rank, a2a_bytes_per_step (forward dispatch + combine, summed over ranks;
-the backward sends as much again). Ratios: expert-2 / single, expert-2 / ddp-2 and a few more.
+optimizer_state_bytes_per_rank, a2a_bytes_per_step (dispatch + combine, forward and backward, summed
+over ranks). Ratios: expert-2 / single, expert-2 / ddp-2 and a few more.
 Runs with more processes than cores are oversubscribed (marked *): their speed says little.
 OVERRIDEs go to every run (e.g. data.batch_size=64); a failed run is reported and skipped.
 The recipe's learning-rate warm-up is kept (it outlasts the run; train warns): every layout does
@@ -144,7 +144,7 @@ def main() -> None:
         print(f"{'hybrid-4-zero / hybrid-4:':<27}{z['tokens_per_s'] / h['tokens_per_s']:>7.3f}  (optimizer state per rank "
               f"{z['opt_bytes'] / h['opt_bytes']:.3f}x, peak RSS {z['peak_rss_mb'] / h['peak_rss_mb']:.3f}x)")
     print("RSS = peak resident memory of the largest rank; opt = optimizer state of the largest rank; "
-          "a2a = forward dispatch + combine, all ranks (backward: as much again); loss = final, same math everywhere")
+          "a2a = dispatch + combine, forward and backward, all ranks; loss = final, same math everywhere")
     if any(LAYOUTS[n][0] > cores for n in names):
         print(f"* {max(LAYOUTS[n][0] for n in names)} processes on {cores} cores: oversubscribed; their tokens/s "
               f"measure contention, not the layout. Run on >= 4 free cores for those figures.")
