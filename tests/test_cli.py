@@ -100,3 +100,14 @@ def test_wheel_ships_configs_and_recipes(tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "num_experts: 8" in done.stdout and "name: expert" in done.stdout
+
+
+def test_fresh_run_into_an_earlier_run_directory_exits_2_and_keeps_it(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(TINY, run_dir).returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
+              and p.suffix != ".log"}
+    done = train(TINY, run_dir, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "already holds an earlier run" in done.stderr and "resume=auto" in done.stderr
+    assert {p: p.read_bytes() for p in before} == before

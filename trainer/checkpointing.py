@@ -79,6 +79,13 @@ def resolve_resume(cfg, run_dir, module=None) -> str | None:
     names and shapes are checked against it."""
     resume = cfg.get("resume")
     if resume in (None, "", "null"):
+        earlier = [p.name for p in (Path(run_dir) / "metrics.csv", Path(run_dir) / "summary.json",
+                                    Path(run_dir) / "checkpoints") if p.exists()]
+        if earlier:
+            raise ConfigError(
+                f"hydra.run.dir={run_dir} already holds an earlier run ({', '.join(earlier)}), and resume=null "
+                f"would start a fresh one over it. Continue that run with resume=auto, or pick a new "
+                f"hydra.run.dir.")
         return None
     if resume == "auto":
         found = complete_checkpoints(Path(run_dir) / "checkpoints", warn=True)
