@@ -20,6 +20,17 @@ TINY = [
 TINY_MOE = ["+recipe=moe_8x", *TINY, "model.moe.expert_ffn_dim=32", "model.moe.num_experts=4"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors in-process: a second intra-op thread only adds contention on a busy 2-core machine.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory):
     """One token cache for the whole session, outside the user's home."""

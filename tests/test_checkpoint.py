@@ -8,7 +8,6 @@ order of floating-point sums in all-reduce and all-to-all differs), the referenc
 `strategy=single`.
 """
 
-import csv
 import hashlib
 import json
 import math

@@ -1,7 +1,5 @@
 """Tier 4: the real `train` command in a subprocess; the run directory read back."""
 
-import json
-import math
 import shutil
 import subprocess
 import sys

@@ -5,7 +5,6 @@ only difference is the order of a 2-term floating-point sum in the all-reduce).
 """
 
 import os
-import shutil
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ grouping of rows in the grouped GEMM, a 2-term all-reduce) grow to ~1e-5 in the 
 """
 
 import pytest
-import torch
 
 from conftest import TINY_MOE, summary, train, train_losses
 

@@ -19,15 +19,6 @@ from paratrain.trainer.moe import GroupedExperts, MoE
 from paratrain.trainer.schema import ModelConfig, MoEConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(moe=True, **moe_kwargs):
     moe_cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, **moe_kwargs) if moe else None
     return ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, moe=moe_cfg)

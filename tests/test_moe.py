@@ -24,15 +24,6 @@ from paratrain.trainer.moe import (
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_moe(seed=0, d=16, num_experts=4, top_k=2, hidden=8, **kwargs):
     torch.manual_seed(seed)
     moe = MoE(d, num_experts, top_k, hidden, **kwargs)

@@ -6,7 +6,6 @@
 """
 
 import logging
-import os
 import sys
 import warnings
 
@@ -14,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from .data import ByteDataModule
@@ -42,8 +41,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*is a checkpoint directory.*")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train one run described by a composed config; returns the summary. Raises ConfigError."""
+def run(cfg: DictConfig) -> RunDirectory:
+    """Train one run described by a composed config; returns its run-directory writer. Raises ConfigError."""
     try:
         dims = validate(cfg)
     except MissingMandatoryValue as e:
