@@ -109,3 +109,16 @@ def test_fresh_run_into_an_earlier_run_directory_exits_2_and_keeps_it(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "already holds an earlier run" in done.stderr and "resume=auto" in done.stderr
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precision_trains_close_to_fp32(precision, tmp_path):
+    runs = {}
+    for p in ("32-true", precision):
+        run_dir = tmp_path / p
+        done = train([*TINY_MOE, f"trainer.precision={p}"], run_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[p] = train_losses(run_dir)
+    # bf16 keeps ~3 significant digits: the first loss agrees to 1e-2, and training still learns.
+    assert runs[precision][0] == pytest.approx(runs["32-true"][0], rel=1e-2)
+    assert runs[precision][-1] < runs[precision][0]
