@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..strategies.zero import optimizer_state_bytes
 from .plots import plot_expert_load, plot_loss_curve
@@ -191,3 +192,11 @@ class RunDirectory(L.Callback):
             plot_loss_curve(self.rows, plots / "loss.png")
         if self.load_history:
             plot_expert_load(self.load_history, plots / "expert_load.png")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, labelled by what a run counts (batches towards max_steps), not "Epoch 0/-2"."""
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("train")

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .model import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
-from .callbacks import RunDirectory
+from .callbacks import RunDirectory, StepProgressBar
 from .checkpointing import Checkpointer, resolve_resume
 from . import faults
 from . import slurm, sweep
@@ -39,6 +39,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__`.*")
     warnings.filterwarnings("ignore", message=".*is a checkpoint directory.*")
+    # Noise on this stack: SLURM runs go through cluster=slurm, and a deprecation inside Lightning.
+    warnings.filterwarnings("ignore", message=".*`srun` command is available on your system.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def run(cfg: DictConfig) -> RunDirectory:
@@ -71,7 +74,8 @@ def run(cfg: DictConfig) -> RunDirectory:
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
-        enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t)],
+        enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t),
+                                                 *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
     trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
     return run_directory
