@@ -62,6 +62,9 @@ BAD = [
     (["data=text"], r"data\.path is missing.*data\.source=text"),
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
     (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
+    (["+recipe=moe_8x", "strategy=expert", "trainer.devices=3"],
+     r"model\.moe\.num_experts=8 is not divisible by strategy\.mesh\.ep=3"),
+    (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.ep=4", "trainer.devices=2"], r"strategy\.mesh\.ep=4.*2"),
     (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=3", "trainer.devices=4"],
      r"strategy\.mesh\.dp=2.*strategy\.mesh\.ep=3"),
 ]
