@@ -43,7 +43,7 @@ def worker(args) -> None:
     from omegaconf import OmegaConf
 
     from paratrain.strategies import MeshStrategy
-    from paratrain.trainer.data import ByteDataModule
+    from paratrain.trainer.data import ByteDataModule, checked_token_files
     from paratrain.trainer.model import build_model
     from paratrain.trainer.module import LanguageModelTask
     from paratrain.trainer.schema import DataConfig, ModelConfig, OptimizerConfig
@@ -78,7 +78,7 @@ def worker(args) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[StepClock()])
-    trainer.fit(task, datamodule=ByteDataModule(data_cfg, 0))
+    trainer.fit(task, datamodule=ByteDataModule(data_cfg, *checked_token_files(data_cfg, model_cfg.vocab_size), 0))
     if trainer.is_global_zero:
         steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
         ddp = seen["wrapped"] == "DistributedDataParallel"

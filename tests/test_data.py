@@ -5,7 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from paratrain.trainer.data import TrainBatches, ValBatches, stdlib_files, token_files
+from paratrain.trainer.data import TrainBatches, ValBatches, checked_token_files, stdlib_files, token_files
+from paratrain.trainer.errors import ConfigError
 from paratrain.trainer.schema import DataConfig
 
 
@@ -61,6 +62,32 @@ def test_token_file_source(tmp_path):
     cfg = OmegaConf.structured(DataConfig(source="tokens", path=str(tmp_path / "t.u16"), cache_dir=str(tmp_path / "c")))
     train, val = token_files(cfg)
     assert np.array_equal(np.concatenate([np.fromfile(train, np.uint16), np.fromfile(val, np.uint16)]), tokens)
+
+
+def test_a_single_text_file_is_split_by_its_tail(tmp_path):
+    text = b"".join(b"line %05d of one long file\n" % i for i in range(2000))
+    (tmp_path / "only.txt").write_bytes(text)
+    cfg = OmegaConf.structured(DataConfig(source="text", path=str(tmp_path / "only.txt"), cache_dir=str(tmp_path / "c")))
+    train, val = checked_token_files(cfg, vocab_size=256)
+    cut = int(len(text) * (1 - cfg.val_fraction))
+    assert np.fromfile(train, np.uint16).astype(np.uint8).tobytes() == text[:cut]
+    assert np.fromfile(val, np.uint16).astype(np.uint8).tobytes() == text[cut:]
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    np.arange(4000, dtype=np.uint16).tofile(tmp_path / "t.u16")
+    cfg = OmegaConf.structured(DataConfig(source="tokens", path=str(tmp_path / "t.u16"), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ConfigError, match=r"token id \d+, but model\.vocab_size=256.*model\.vocab_size=4000"):
+        checked_token_files(cfg, vocab_size=256)
+    assert len(checked_token_files(cfg, vocab_size=4000)) == 2
+
+
+def test_too_little_data_for_one_sequence_is_refused(tmp_path):
+    (tmp_path / "short.txt").write_text("x" * 1000)
+    cfg = OmegaConf.structured(DataConfig(source="text", path=str(tmp_path / "short.txt"), seq_len=128,
+                                          cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ConfigError, match=r"validation split of 50 tokens.*data\.seq_len=128"):
+        checked_token_files(cfg, vocab_size=256)
 
 
 def test_stdlib_corpus_is_real_source_without_tests():

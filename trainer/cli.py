@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from .data import ByteDataModule
+from .data import ByteDataModule, checked_token_files
 from .errors import ConfigError
 from .model import build_model, count_params
 from .module import LanguageModelTask
@@ -55,7 +55,9 @@ def run(cfg: DictConfig) -> RunDirectory:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
 
-    data = ByteDataModule(cfg.data, cfg.seed, accumulate=t.accumulate_grad_batches)
+    # Resolved here, before Lightning spawns ranks: builds the token cache once and checks the tokens.
+    train_path, val_path = checked_token_files(cfg.data, cfg.model.vocab_size)
+    data = ByteDataModule(cfg.data, train_path, val_path, cfg.seed, accumulate=t.accumulate_grad_batches)
     model = build_model(cfg.model, cfg.seed, device="meta")  # weights materialise per rank in the strategy
     task = LanguageModelTask(model, cfg.optimizer, t.max_steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     task.seed = cfg.seed

@@ -71,6 +71,11 @@ def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_d
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     for name, f in zip(names, files):
         parts[is_val_file(name, val_fraction)].append(f.read_bytes())
+    if not (parts[False] and parts[True]):
+        # Too few files for a split by file (one file, say): validate on the tail of the text instead.
+        text = b"".join(parts[False] + parts[True])
+        cut = int(len(text) * (1 - val_fraction))
+        parts = {False: [text[:cut]], True: [text[cut:]]}
     for is_val, path in ((True, val), (False, train)):
         _write_atomic(path, np.frombuffer(b"".join(parts[is_val]), dtype=np.uint8))
     return train, val
@@ -100,6 +105,27 @@ def token_files(cfg) -> tuple[Path, Path]:
 
 def load_tokens(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def checked_token_files(cfg, vocab_size: int) -> tuple[Path, Path]:
+    """token_files, then the rules that need the tokens themselves: each split holds at least one
+    sequence, and every id fits the model's embedding (else a crash deep inside the first step)."""
+    paths = token_files(cfg)
+    for split, path in zip(("training", "validation"), paths):
+        tokens = load_tokens(path)
+        if len(tokens) < cfg.seq_len + 1:
+            raise ConfigError(
+                f"data.path={cfg.path!r} gives a {split} split of {len(tokens)} tokens, fewer than one sequence of "
+                f"data.seq_len={cfg.seq_len} plus its target: the split takes data.val_fraction={cfg.val_fraction} "
+                f"of the data. Add data, lower data.seq_len, or adjust data.val_fraction."
+            )
+    top = max(int(load_tokens(path).max()) for path in paths)
+    if top >= vocab_size:
+        raise ConfigError(
+            f"data.path={cfg.path!r} holds token id {top}, but model.vocab_size={vocab_size}: every id must be "
+            f"below the vocabulary size. Set model.vocab_size={top + 1} or larger, or re-tokenise the data."
+        )
+    return paths
 
 
 def batch_offsets(num_tokens: int, seq_len: int, batch_size: int, seed: int, index: int) -> np.ndarray:
@@ -155,18 +181,12 @@ class ValBatches(Dataset):
 
 
 class ByteDataModule(L.LightningDataModule):
-    def __init__(self, cfg, seed: int, accumulate: int = 1, start_step: int = 0):
+    """Loaders over resolved token files (checked_token_files, called once before any process starts)."""
+
+    def __init__(self, cfg, train_path: Path, val_path: Path, seed: int, accumulate: int = 1, start_step: int = 0):
         super().__init__()
         self.cfg, self.seed, self.accumulate, self.start_step = cfg, seed, accumulate, start_step
-        self.train_path = self.val_path = None
-
-    def prepare_data(self):
-        # Builds the cache once, on local rank 0; listing the corpus again in setup() costs ~1 s.
-        self.train_path, self.val_path = token_files(self.cfg)
-
-    def setup(self, stage=None):
-        if self.train_path is None:  # ranks that did not prepare the data
-            self.train_path, self.val_path = token_files(self.cfg)
+        self.train_path, self.val_path = train_path, val_path
 
     def _rank(self):
         trainer = self.trainer
