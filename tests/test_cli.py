@@ -26,6 +26,20 @@ def test_dense_run_writes_a_consistent_run_directory(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # The greppable log: each step's values once, equal to metrics.csv (steps 3 and 6 are validated
+    # and checkpointed, so their rows are re-opened for val/loss).
+    logged = [dict(kv.split("=", 1) for kv in line.split(" - ", 1)[1].split())
+              for line in (run_dir / "train.log").read_text().splitlines() if " - step=" in line]
+    by_step = {}
+    for entry in logged:
+        step = int(entry.pop("step"))
+        assert not set(entry) & set(by_step.get(step, {})), (step, entry)
+        by_step.setdefault(step, {}).update(entry)
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        for key in ("train/loss", "val/loss"):
+            if r[key]:
+                assert float(by_step[int(r["step"])][key]) == pytest.approx(float(r[key]), rel=1e-4)
 
 
 def test_moe_run_reports_sparse_parameters_and_expert_load(tmp_path):
@@ -79,6 +93,18 @@ def test_bad_config_exits_2_naming_the_key(args, pattern, tmp_path):
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert re.search(pattern, done.stderr, re.S), done.stderr
     assert "Traceback" not in done.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_token_file_with_ids_beyond_the_vocabulary_exits_2(tmp_path):
+    import numpy as np
+
+    (np.arange(20_000) % 300).astype(np.uint16).tofile(tmp_path / "ids.u16")
+    run_dir = tmp_path / "bad"
+    done = train(TINY + ["data=tokens", f"data.path={tmp_path / 'ids.u16'}", f"data.cache_dir={tmp_path / 'c'}"],
+                 run_dir, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "token id 299, but model.vocab_size=256" in done.stderr and "Traceback" not in done.stderr
     assert not (run_dir / "summary.json").exists()
 
 

@@ -38,7 +38,7 @@ def test_expert_parallel_sweep_runs_each_job_and_writes_the_summary(tmp_path):
         assert s["status"] == "completed" and s["steps"] == 6, s
         assert s["world_size"] == 2 and s["mesh"] == {"dp": 1, "ep": 2}
         assert f"; {experts // 2} expert" in s["layout"]
-        assert (sweep_dir / str(job) / "train.log").read_text().count("Trainer.fit") == 1
+        assert (sweep_dir / str(job) / "console.log").read_text().count("Trainer.fit") == 1
     rows = read_table(sweep_dir)
     assert [r["overrides"] for r in rows] == [f"model.moe.num_experts={n}" for n in (2, 4, 8)]
     assert [r["status"] for r in rows] == ["completed"] * 3

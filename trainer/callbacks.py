@@ -33,17 +33,23 @@ class RunDirectory(L.Callback):
         self._pending: dict | None = None  # the newest row, open until the next one (val/loss may join it)
         self._columns: list[str] | None = None
         self.load_history: list[tuple[int, torch.Tensor]] = []
-        self._val_s = 0.0
+        self._paused_s = 0.0  # validation and checkpoint time: not training, so not in tokens/s
+        self._logged: tuple[int, set] = (-1, set())  # the step and keys of the last greppable log line
         self._reopenable: int | None = None  # step of the last row, if flush() wrote it early
         self._last_row_offset = 0  # metrics.csv's size before the last row
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         self._t0 = self._window_t0 = time.perf_counter()
-        self._window_val_s, self._window_step = 0.0, trainer.global_step
+        self._window_paused_s, self._window_step = 0.0, trainer.global_step
         self._start_step = trainer.global_step
         if trainer.global_step > 0 and trainer.is_global_zero:
             self._continue_metrics(trainer.global_step)  # resumed: after the checkpoint loaded
+
+    def pause(self, seconds: float) -> None:
+        """Count `seconds` of non-training work (validation, a checkpoint save) out of tokens/s."""
+        self._paused_s += seconds
+        self._window_paused_s += seconds
 
     def on_validation_start(self, trainer, pl_module):
         self._val_t0 = time.perf_counter()
@@ -51,9 +57,7 @@ class RunDirectory(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        spent = time.perf_counter() - self._val_t0
-        self._val_s += spent
-        self._window_val_s += spent
+        self.pause(time.perf_counter() - self._val_t0)
         val = trainer.callback_metrics.get("val/loss")
         if val is not None and trainer.is_global_zero:
             row = self._pending if self._pending and self._pending["step"] == trainer.global_step else None
@@ -71,10 +75,10 @@ class RunDirectory(L.Callback):
         if step_done and (step % self.log_every == 0 or step >= trainer.max_steps):
             metrics = pl_module.reduce_step_metrics()  # collective: every rank, same steps
             now = time.perf_counter()
-            train_s = now - self._window_t0 - self._window_val_s
+            train_s = now - self._window_t0 - self._window_paused_s
             metrics["tokens_per_s"] = (step - self._window_step) * pl_module.tokens_per_step / max(train_s, 1e-9)
             metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-            self._window_t0, self._window_val_s, self._window_step = now, 0.0, step
+            self._window_t0, self._window_paused_s, self._window_step = now, 0.0, step
             pl_module.log("train_loss", metrics["train/loss"], prog_bar=True, logger=False)
             if trainer.is_global_zero:
                 self._flush()
@@ -136,9 +140,13 @@ class RunDirectory(L.Callback):
             if mode == "w":
                 writer.writeheader()
             writer.writerow(row)
-        # One greppable line per row in the run's log: `grep 'step=' train.log`.
-        log.info(" ".join(f"{k}={row[k]:.5g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                          for k in ("step", "train/loss", "val/loss", "tokens_per_s", "lr") if k in row))
+        # One greppable line per row in the run's log: `grep 'step=' train.log`. A row re-opened for
+        # val/loss logs only what it gained, so no value appears twice.
+        step, logged = self._logged
+        keys = [k for k in ("train/loss", "val/loss", "tokens_per_s", "lr") if k in row and not (step == row["step"] and k in logged)]
+        if keys:
+            log.info(" ".join([f"step={row['step']}"] + [f"{k}={row[k]:.5g}" for k in keys]))
+        self._logged = (row["step"], set(keys) | (logged if step == row["step"] else set()))
 
     # --- end of run -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
@@ -172,7 +180,7 @@ class RunDirectory(L.Callback):
             "final_loss": train_rows[-1]["train/loss"] if train_rows else None,
             "final_val_loss": val_rows[-1]["val/loss"] if val_rows else None,
             "tokens": tokens,
-            "tokens_per_s": tokens / max(wall - self._val_s, 1e-9),
+            "tokens_per_s": tokens / max(wall - self._paused_s, 1e-9),
             "wall_s": wall,
             "world_size": trainer.world_size,
             **self.layout,

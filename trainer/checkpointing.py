@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -150,6 +151,7 @@ class Checkpointer(L.Callback):
         checkpoint["paratrain"] = {"config": self.config, "world_size": trainer.world_size}
 
     def save(self, trainer, step: int) -> Path:
+        started = time.perf_counter()
         final = self.root / checkpoint_name(step)
         tmp = self.root / f"{TMP_PREFIX}{checkpoint_name(step)}"
         strategy = trainer.strategy
@@ -165,6 +167,8 @@ class Checkpointer(L.Callback):
             self._publish(tmp, final)
             self._prune()
         strategy.barrier("checkpoint-publish")
+        if self.run_directory is not None:
+            self.run_directory.pause(time.perf_counter() - started)
         return final
 
     @staticmethod

@@ -75,14 +75,14 @@ def rerun_overrides(run_dir: Path) -> list[str]:
 def run_sweep_job() -> dict:
     """The task function of a local sweep job: run it as `python -m paratrain.trainer.cli ...` and wait.
 
-    Its output goes to the console (prefixed `[job N]`) and to <job dir>/train.log. Returns its summary;
+    Its output goes to the console (prefixed `[job N]`) and to <job dir>/console.log (the job's own log records: train.log). Returns its summary;
     never raises for a failed job."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     cmd = [sys.executable, "-m", "paratrain.trainer.cli", *rerun_overrides(run_dir)]
     prefix = f"[job {hydra_cfg.job.num}] "
     tail: deque[str] = deque(maxlen=60)
-    with open(run_dir / "train.log", "w") as logfile, \
+    with open(run_dir / "console.log", "w") as logfile, \
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as child:
         for line in child.stdout:
             logfile.write(line)
