@@ -117,6 +117,35 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert train_losses(run_dir)[-20:] == pytest.approx(train_losses(reference)[-20:], rel=1e-5)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_killed_sweep_job_fails_alone_and_the_sweep_finishes(slurm_cluster, tmp_path):
+    """SIGKILL leaves no result and, on a cluster without accounting, no sacct state: the sweep still ends."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "paratrain.trainer.cli", "-m", *TINY_MOE, *LONGER, *EXPERT_2, "cluster=slurm", *SHARE,
+           "model.moe.num_experts=4,8", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        training = sweep_dir / "1" / "checkpoints" / "step000010"
+        deadline = time.monotonic() + 240
+        while not training.exists() and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.05)
+        assert training.exists(), "job 1 wrote no checkpoint"
+        victim = next(p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_1"))
+        subprocess.run(["scancel", "--signal=KILL", victim], check=True, timeout=30)
+        out, _ = sweep.communicate(timeout=240)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 1, out[-4000:]  # a sweep with a failed job
+    assert summary(sweep_dir / "0")["status"] == "completed" and summary(sweep_dir / "0")["steps"] == 60
+    killed = summary(sweep_dir / "1")
+    assert killed["status"] == "failed" and f"SLURM job {victim} ended without a result" in killed["error"], killed
+    rows = (sweep_dir / "sweep_summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and ",completed," in rows[1] and ",failed," in rows[2], rows
+
+
 # --- bad input: exit 2 before anything is submitted (no cluster needed) ------------------------------
 def path_without_sbatch() -> str:
     """This Python's directory only: no sbatch (nor any other SLURM command)."""

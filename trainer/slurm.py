@@ -115,6 +115,9 @@ def prepare_sweep(config) -> None:
     with read_write(config.hydra), open_dict(config.hydra.launcher):
         for key, value in managed.items():
             config.hydra.launcher[key] = value
+    from .slurm_sweep import fail_jobs_alone  # imports submitit: only when a SLURM sweep is submitted
+
+    fail_jobs_alone()
 
 
 # --- a single run: submit one job, then follow it -------------------------------------------------

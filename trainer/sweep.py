@@ -50,7 +50,7 @@ def read_summary(run_dir: Path) -> dict | None:
         return None
 
 
-def mark_failed(run_dir: Path, error: str, exit_code: int) -> dict:
+def mark_failed(run_dir: Path, error: str, exit_code: int | None) -> dict:
     """Make summary.json say the run failed and why; keep what the run itself wrote (and its own error)."""
     summary = read_summary(run_dir) or {}
     own = summary.get("error") if summary.get("status") == "failed" else None
