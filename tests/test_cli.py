@@ -75,6 +75,7 @@ BAD = [
     (["data=tokens", "data.path=/nonexistent.u16"], r"data\.path='/nonexistent\.u16'.*does not exist"),
     (["data=text"], r"data\.path is missing.*data\.source=text"),
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
+    (["model.moe.num_experts=4"], r"model\.moe\.num_experts=4 sets a key inside model\.moe.*dense.*`train model=moe "),
     (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
     (["+recipe=moe_8x", "strategy=expert", "trainer.devices=3"],
      r"model\.moe\.num_experts=8 is not divisible by strategy\.mesh\.ep=3"),

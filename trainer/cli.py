@@ -5,6 +5,7 @@
     train -m +recipe=moe_8x model.moe.num_experts=4,8,16
 """
 
+import io
 import logging
 import sys
 import warnings
@@ -32,6 +33,7 @@ log = logging.getLogger("paratrain")
 register_configs()
 register_recipes()
 _job_started = False  # set once Hydra hands us a composed config: errors before that are config errors
+_real_stderr = None  # while Hydra composes, stderr is held (see main) so that a composition error can be explained
 
 
 def quiet_lightning() -> None:
@@ -87,6 +89,7 @@ def run(cfg: DictConfig) -> RunDirectory:
 def hydra_main(cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
+    sys.stderr.write(release_stderr())
     try:
         if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
             slurm.run_in_job(cfg, run)
@@ -103,14 +106,40 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(ConfigError.exit_code)
 
 
+def release_stderr() -> str:
+    """Give stderr back; returns what was held."""
+    global _real_stderr
+    if _real_stderr is None:
+        return ""
+    held, sys.stderr, _real_stderr = sys.stderr.getvalue(), _real_stderr, None
+    return held
+
+
+def explain_composition_error(held: str, argv: list[str]) -> str:
+    """OmegaConf's bare assertion for a key set inside a null node, as a config error; anything else as it was."""
+    inside_moe = [a for a in argv if a.startswith("model.moe.")]
+    if "Unexpected type for root: NoneType" not in held or not inside_moe:
+        return held
+    return (f"Error: {inside_moe[0]} sets a key inside model.moe, but the model is dense (model.moe=null), so there is "
+            f"no model.moe to set it in. Pick an MoE model first, e.g. `train model=moe {inside_moe[0]}` or "
+            f"`train +recipe=moe_8x {inside_moe[0]}`.\n")
+
+
 def main() -> None:
     """Console entry point: Hydra's own errors (unknown key, missing option) exit 2, like ours."""
+    global _real_stderr
+    _real_stderr, sys.stderr = sys.stderr, io.StringIO()  # until hydra_main starts (or the command ends)
     try:
         hydra_main()
     except SystemExit as e:
+        held = release_stderr()
         if e.code == 1 and not _job_started:
+            sys.stderr.write(explain_composition_error(held, sys.argv[1:]))
             sys.exit(ConfigError.exit_code)
+        sys.stderr.write(held)
         raise
+    finally:
+        sys.stderr.write(release_stderr())
     if sweep.failed_jobs():  # a sweep ran every job; some failed (sweep_summary.md says which and why)
         sys.exit(1)
 
