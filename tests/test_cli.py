@@ -75,6 +75,7 @@ BAD = [
     (["data=tokens", "data.path=/nonexistent.u16"], r"data\.path='/nonexistent\.u16'.*does not exist"),
     (["data=text"], r"data\.path is missing.*data\.source=text"),
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
+    (["trainer.accelerator=tpu"], r"trainer\.accelerator='tpu' is not supported.*cpu, gpu, cuda, auto"),
     (["model.moe.num_experts=4"], r"model\.moe\.num_experts=4 sets a key inside model\.moe.*dense.*`train model=moe "),
     (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
     (["+recipe=moe_8x", "strategy=expert", "trainer.devices=3"],
@@ -95,6 +96,13 @@ def test_bad_config_exits_2_naming_the_key(args, pattern, tmp_path):
     assert re.search(pattern, done.stderr, re.S), done.stderr
     assert "Traceback" not in done.stderr
     assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_accelerator_without_a_gpu_exits_2(tmp_path):
+    done = train(TINY + ["trainer.accelerator=gpu"], tmp_path / "run", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "trainer.accelerator=gpu, but this machine has no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_token_file_with_ids_beyond_the_vocabulary_exits_2(tmp_path):

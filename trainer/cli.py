@@ -7,6 +7,7 @@
 
 import io
 import logging
+import os
 import sys
 import warnings
 
@@ -27,7 +28,7 @@ from .checkpointing import Checkpointer, resolve_resume
 from . import faults
 from . import slurm, sweep
 from .schema import register_configs
-from .validate import validate
+from .validate import validate, validate_devices
 
 log = logging.getLogger("paratrain")
 register_configs()
@@ -52,6 +53,7 @@ def run(cfg: DictConfig) -> RunDirectory:
         dims = validate(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is missing (???): this config option needs a value. Set it, e.g. {e.full_key}=...") from None
+    validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)

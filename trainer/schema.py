@@ -164,7 +164,7 @@ class ClusterConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
-    """cpu | gpu | auto."""
+    """cpu | gpu (= cuda) | auto; checked against the GPUs torch sees where the run trains."""
     devices: int = 1
     """Processes per node."""
     num_nodes: int = 1

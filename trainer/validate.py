@@ -9,12 +9,15 @@ import os
 import shutil
 import warnings
 
+import torch
+
 from ..strategies.mesh import ParallelDims
 from .errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "expert", "hybrid")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -90,6 +93,9 @@ def validate_trainer(t) -> None:
     for key in ("devices", "num_nodes", "max_steps", "log_every_n_steps", "val_check_interval",
                 "accumulate_grad_batches", "checkpoint_every_n_steps", "keep_last_checkpoints"):
         _require(getattr(t, key) >= 1, f"trainer.{key}={getattr(t, key)} must be at least 1. Set a positive integer.")
+    _require(t.accelerator in ACCELERATORS,
+             f"trainer.accelerator={t.accelerator!r} is not supported. Use one of {', '.join(ACCELERATORS)} "
+             f"(gpu and cuda are the same: NCCL between ranks; cpu: gloo).")
     _require(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} is not supported. Use one of {', '.join(PRECISIONS)}.")
     _require(t.gradient_clip_val is None or t.gradient_clip_val > 0,
              f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive, or null for no clipping.")
@@ -144,6 +150,20 @@ def validate_cluster(cfg, submitting: bool = False) -> None:
                  f"cluster=slurm submits jobs with sbatch, but sbatch is not on PATH ({os.environ.get('PATH', '')}). "
                  f"Run train where SLURM's commands are installed (e.g. a login node), add their directory to PATH, "
                  f"or use cluster=local.")
+
+
+def validate_devices(t, launched_externally: bool) -> None:
+    """The devices this machine has: checked where the run trains, not where a SLURM job is submitted."""
+    if t.accelerator not in ("gpu", "cuda"):
+        return
+    found = torch.cuda.device_count()
+    _require(found > 0, f"trainer.accelerator={t.accelerator}, but this machine has no CUDA GPU that torch can use "
+                        f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}). Use "
+                        f"trainer.accelerator=cpu, or run where the GPUs are (e.g. cluster=slurm with a GPU partition).")
+    # Under srun or torchrun each process may see only its own GPU: the launcher has placed them.
+    _require(launched_externally or t.devices <= found,
+             f"trainer.devices={t.devices} asks for {t.devices} GPUs per node, but this machine has {found}. "
+             f"Use trainer.devices={found} or fewer (data.batch_size must stay divisible by the data ranks).")
 
 
 def validate(cfg) -> ParallelDims:
