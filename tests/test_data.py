@@ -1,5 +1,7 @@
 """Tier 2: the data sources and the global-batch contract (no process group needed)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,11 @@ def test_token_file_source(tmp_path):
     cfg = OmegaConf.structured(DataConfig(source="tokens", path=str(tmp_path / "t.u16"), cache_dir=str(tmp_path / "c")))
     train, val = token_files(cfg)
     assert np.array_equal(np.concatenate([np.fromfile(train, np.uint16), np.fromfile(val, np.uint16)]), tokens)
+    rewritten = tokens[::-1].copy()  # same path, same size: the cache must still notice
+    rewritten.tofile(tmp_path / "t.u16")
+    os.utime(tmp_path / "t.u16", ns=(0, 10**18))
+    train, val = token_files(cfg)
+    assert np.array_equal(np.concatenate([np.fromfile(train, np.uint16), np.fromfile(val, np.uint16)]), rewritten)
 
 
 def test_a_single_text_file_is_split_by_its_tail(tmp_path):

@@ -8,6 +8,7 @@ micro-batch, so the model sees the same tokens at step s whatever the layout.
 
 import glob
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -59,15 +60,31 @@ def _write_atomic(path: Path, tokens: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _cached_split(out: Path) -> tuple[Path, Path] | None:
+    train, val, meta = out / "train.u16", out / "val.u16", out / "meta.json"
+    return (train, val) if train.exists() and val.exists() and meta.exists() else None
+
+
+def _write_split(out: Path, train: np.ndarray, val: np.ndarray) -> tuple[Path, Path]:
+    """train.u16, val.u16 and meta.json, which keeps the largest id: every run checks it against
+    model.vocab_size, and a scan of a large token file on every rank would cost seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    top = max((int(a.max()) for a in (train, val) if len(a)), default=0)
+    tmp = out / f"meta.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"max_id": top, "train_tokens": len(train), "val_tokens": len(val)}))
+    os.replace(tmp, out / "meta.json")
+    _write_atomic(out / "val.u16", val)
+    _write_atomic(out / "train.u16", train)  # last: _cached_split needs all three
+    return out / "train.u16", out / "val.u16"
+
+
 def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_dir: Path) -> tuple[Path, Path]:
     """Tokenise files to bytes once; later runs reuse the memory-mapped result."""
     names = [f.relative_to(root).as_posix() for f in files]
-    key = hashlib.sha1(repr((sys.version, str(root), val_fraction, [(n, f.stat().st_size) for n, f in zip(names, files)])).encode())
+    key = hashlib.sha1(repr((sys.version, str(root), val_fraction, [(n, f.stat().st_size, f.stat().st_mtime_ns) for n, f in zip(names, files)])).encode())
     out = cache_dir / f"text-{key.hexdigest()[:16]}"
-    train, val = out / "train.u16", out / "val.u16"
-    if train.exists() and val.exists():
-        return train, val
-    out.mkdir(parents=True, exist_ok=True)
+    if cached := _cached_split(out):
+        return cached
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     for name, f in zip(names, files):
         parts[is_val_file(name, val_fraction)].append(f.read_bytes())
@@ -76,9 +93,8 @@ def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_d
         text = b"".join(parts[False] + parts[True])
         cut = int(len(text) * (1 - val_fraction))
         parts = {False: [text[:cut]], True: [text[cut:]]}
-    for is_val, path in ((True, val), (False, train)):
-        _write_atomic(path, np.frombuffer(b"".join(parts[is_val]), dtype=np.uint8))
-    return train, val
+    train, val = (np.frombuffer(b"".join(parts[is_val]), dtype=np.uint8) for is_val in (False, True))
+    return _write_split(out, train, val)
 
 
 def token_files(cfg) -> tuple[Path, Path]:
@@ -90,15 +106,14 @@ def token_files(cfg) -> tuple[Path, Path]:
                 f"data.path={cfg.path!r} is not a file: data.source=tokens reads a flat file of "
                 f"uint16 tokens. Give the path of such a file, or use data.source=text for raw text."
             )
-        split = cache_root(cfg.cache_dir) / f"tokens-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}"
-        train, val = split / "train.u16", split / "val.u16"
-        if not (train.exists() and val.exists()):
-            tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-            cut = int(len(tokens) * (1 - cfg.val_fraction))
-            split.mkdir(parents=True, exist_ok=True)
-            _write_atomic(val, np.asarray(tokens[cut:]))
-            _write_atomic(train, np.asarray(tokens[:cut]))
-        return train, val
+        stat = path.stat()  # a rewritten file gets a new cache
+        key = hashlib.sha1(repr((str(path.resolve()), stat.st_size, stat.st_mtime_ns, cfg.val_fraction)).encode())
+        split = cache_root(cfg.cache_dir) / f"tokens-{key.hexdigest()[:16]}"
+        if cached := _cached_split(split):
+            return cached
+        tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+        cut = int(len(tokens) * (1 - cfg.val_fraction))
+        return _write_split(split, np.asarray(tokens[:cut]), np.asarray(tokens[cut:]))
     root, files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
     return build_text_cache(root, files, cfg.val_fraction, cache_root(cfg.cache_dir))
 
@@ -119,7 +134,7 @@ def checked_token_files(cfg, vocab_size: int) -> tuple[Path, Path]:
                 f"data.seq_len={cfg.seq_len} plus its target: the split takes data.val_fraction={cfg.val_fraction} "
                 f"of the data. Add data, lower data.seq_len, or adjust data.val_fraction."
             )
-    top = max(int(load_tokens(path).max()) for path in paths)
+    top = json.loads((paths[0].parent / "meta.json").read_text())["max_id"]
     if top >= vocab_size:
         raise ConfigError(
             f"data.path={cfg.path!r} holds token id {top}, but model.vocab_size={vocab_size}: every id must be "
