@@ -65,6 +65,13 @@ def test_console_script_runs_from_any_directory(tmp_path):
     assert "num_experts: 8" in done.stdout and "top_k: 2" in done.stdout
 
 
+def test_help_lists_groups_recipes_and_examples():
+    done = subprocess.run([sys.executable, "-m", "paratrain.trainer.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "recipe: dense_baseline, moe_8x" in done.stdout and "strategy: ddp, expert, hybrid, single" in done.stdout
+    assert "train +recipe=moe_8x strategy=expert trainer.devices=2" in done.stdout
+
+
 BAD = [
     (["model.nm_layers=3"], r"nm_layers"),
     (["strategy=exprt"], r"strategy.*exprt|exprt.*strategy"),
