@@ -13,8 +13,8 @@ OVERRIDEs change it, e.g. model.moe.num_experts=16.
 After --steps unprofiled steps (timed: the median is the plain step time), --profile-steps more run
 under torch.profiler (CPU activities). All-to-all time = the summed wall time, on the training
 thread, of the outermost events of:
-  counts   the per-expert count exchange (dist.all_to_all_single, synchronous; wrapped here in a
-           record_function, since its wait is not an op the profiler records)
+  counts   the count exchange and the routing ids (dist.all_to_all_single, synchronous; wrapped
+           here in a record_function, since its wait is not an op the profiler records)
   fwd      the functional all_to_all_single of dispatch and combine (launch) and their
            _c10d_functional::wait_tensor (where the training thread blocks for the data)
   bwd      autograd's evaluate_function of the all-to-all backward (launch + wait of the reverse
@@ -147,7 +147,7 @@ def body(rank, world, port, args, out_dir) -> None:
         if args.trace:
             prof.export_chrome_trace(str(Path(args.trace) / f"a2a-rank{rank}.json"))
         result = {"rank": rank, "step_s": statistics.median(times), "profiled_step_s": profiled,
-                  **{k: v / args.profile_steps for k, v in parts.items()}, "a2a_bytes_fwd": a2a_bytes,
+                  **{k: v / args.profile_steps for k, v in parts.items()}, "a2a_bytes": a2a_bytes,
                   "experts_per_rank": layers[0].experts.num_local_experts, "local_batch": d.batch_size // world,
                   "shape": f"d={m.d_model}, {m.n_layers} layers, {m.moe.num_experts} experts, top-{m.moe.top_k}, "
                            f"expert_ffn_dim={m.moe.expert_ffn_dim}, batch {d.batch_size} x {d.seq_len} global"}
@@ -192,8 +192,8 @@ def main() -> None:
         step, prof, counts, fwd, bwd, a2a, share, gloo = row
         print(f"{label:<6}{step * 1e3:>9.1f}{prof * 1e3:>11.1f}{counts * 1e3:>8.1f}{fwd * 1e3:>9.1f}{bwd * 1e3:>9.1f}"
               f"{a2a * 1e3:>8.1f}{share:>8.1%}{gloo * 1e3:>9.1f}")
-    sent = sum(r["a2a_bytes_fwd"] for r in ranks)
-    print(f"all-to-all data sent per step, all ranks: {sent / 2**20:.2f} MiB forward (+ as much in backward)")
+    sent = sum(r["a2a_bytes"] for r in ranks)
+    print(f"all-to-all data sent per step, all ranks: {sent / 2**20:.2f} MiB, forward and backward")
     print("ms per step; a2a = counts + fwd + bwd (training thread blocked, incl. waiting for the other rank); "
           "gloo = gloo worker's own all_to_all spans")
     print(load_note(load_before, "skew between ranks inflates the a2a time"))

@@ -230,31 +230,41 @@ def test_forced_routing_leaves_other_shards_exactly_zero(name, request):
 
 
 def _expected_bytes(ref, world, ep, num_experts):
-    """Bytes each rank sends to other ranks in one forward, from the routing alone."""
-    e_local = num_experts // ep
+    """Bytes each rank sends to other ranks for one forward and backward, from the routing alone:
+    one row per (token, remote rank holding at least one of its kept experts), however many experts
+    it has there. A row goes out with its k weights and k ids (D + 2k fp32 values) and comes back
+    as D values; in backward their gradients travel the other way."""
+    e_local, k = num_experts // ep, ref["expert_idx"].shape[1]
     n_local = B * T
-    src = torch.arange(world * n_local).repeat_interleave(ref["expert_idx"].shape[1])  # token ranks
-    src = src // n_local
-    dest_ep = ref["expert_idx"].reshape(-1) // e_local
-    kept = ref["keep"].reshape(-1)
+    dest = torch.where(ref["keep"], ref["expert_idx"] // e_local, ep)  # (tokens, k); ep = dropped
+    pairs = {(t, int(r)) for t in range(world * n_local) for r in dest[t].tolist() if r < ep}
+    out_row, back_row = (D + 2 * k) * 4, D * 4
+
+    def src(t):
+        return t // n_local
+
     expected = []
     for rank in range(world):
         ep_index, ep_base = rank % ep, rank - rank % ep  # ep groups are contiguous runs of ranks
-        in_group = (src >= ep_base) & (src < ep_base + ep)
-        dispatched = kept & (src == rank) & (dest_ep != ep_index)
-        returned = kept & in_group & (src != rank) & (dest_ep == ep_index)
-        expected.append(int(dispatched.sum() + returned.sum()) * D * 4)  # fp32 rows
-    remote = kept & (dest_ep != src % ep)
-    return expected, 2 * int(remote.sum()) * D * 4
+        sent = sum(1 for t, r in pairs if src(t) == rank and r != ep_index)
+        returned = sum(1 for t, r in pairs if ep_base <= src(t) < ep_base + ep and src(t) != rank and r == ep_index)
+        expected.append((sent + returned) * (out_row + back_row))
+    remote = sum(1 for t, r in pairs if r != src(t) % ep)
+    # Per (token, slot), as a dispatcher without the dedup would send: more whenever two kept
+    # experts of one token share a remote rank.
+    per_slot = int(((dest < ep) & (dest != (torch.arange(world * n_local) // n_local % ep).unsqueeze(1))).sum())
+    return expected, 2 * remote * (out_row + back_row), remote, per_slot
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_a2a_bytes_are_what_the_routing_requires(name, request):
     ref, ranks = _results(request, name)
     world, dp, ep, moe_kwargs, _ = CASES[name]
-    per_rank, total = _expected_bytes(ref, world, ep, moe_kwargs["num_experts"])
+    per_rank, total, remote_rows, remote_slots = _expected_bytes(ref, world, ep, moe_kwargs["num_experts"])
     assert [res["a2a_bytes"] for res in ranks] == per_rank
     assert sum(per_rank) == total
+    if name in ("ep2", "ep4"):  # the dedup shows: some tokens have both experts on one remote rank
+        assert remote_rows < remote_slots
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -262,3 +272,14 @@ def test_collectives_per_step_do_not_depend_on_routing(name, request):
     _, ranks = _results(request, name)
     # Forward: one count exchange + dispatch + combine; backward: the two reverse all-to-alls.
     assert [res["collectives"] for res in ranks] == [(3, 2)] * len(ranks)
+
+
+def test_expert_ids_travel_exactly_in_the_row_dtype():
+    from paratrain.strategies.token_dispatch import AllToAllTokenDispatcher
+
+    fits = AllToAllTokenDispatcher._check_ids_fit
+    fits(torch.bfloat16, 255)  # ids 0..255 (255 = "not for this rank") are exact in bf16
+    fits(torch.float32, 100_000)
+    with pytest.raises(RuntimeError, match="exact up to 256, but this rank holds 256 experts"):
+        fits(torch.bfloat16, 256)
+    assert torch.tensor(255.0, dtype=torch.bfloat16).long() == 255 and torch.tensor(257.0, dtype=torch.bfloat16).long() != 257

@@ -100,10 +100,9 @@ class LanguageModelTask(L.LightningModule):
                 out[f"moe/layer{i}/imbalance"] = (layer_load.max() / mean).item()
                 out[f"moe/layer{i}/dead_experts"] = int((layer_load == 0).sum().item())
                 out[f"moe/layer{i}/dropped_fraction"] = dropped[i].item()
-            # Bytes all ranks sent to other ranks per optimizer step: the dispatchers count the
-            # forward (dispatch + combine); the backward sends the same rows back again.
+            # Bytes all ranks sent to other ranks per optimizer step, forward and backward.
             steps = self._micro_batches / self.trainer.accumulate_grad_batches
-            out["a2a_bytes_per_step"] = 2 * total[-1].item() / steps
+            out["a2a_bytes_per_step"] = total[-1].item() / steps
             self.expert_load = load.cpu()
         self._sums, self._micro_batches = None, 0
         self.step_metrics = out

@@ -2,8 +2,8 @@
 
 The layer computes locally and knows nothing about distribution. Moving tokens to their experts is
 the job of a `TokenDispatcher`: `LocalTokenDispatcher` (here) when one process holds every expert;
-an expert-parallel strategy swaps in an all-to-all dispatcher that reuses `permute_by_expert`,
-`unpermute` and `unpermute_and_combine` and shards the experts with `GroupedExperts.keep_experts`.
+an expert-parallel strategy swaps in an all-to-all dispatcher that reuses `unpermute_and_combine`
+and shards the experts with `GroupedExperts.keep_experts`.
 
 Shapes: N = tokens (B * T), d = model width, E = routed experts, k = top_k, h = expert width,
 M = kept (token, slot) assignments (N * k when dropless).
@@ -27,7 +27,6 @@ __all__ = [
     "MoE",
     "SwiGLU",
     "permute_by_expert",
-    "unpermute",
     "unpermute_and_combine",
     "capacity_keep_mask",
     "expert_capacity",
@@ -148,7 +147,7 @@ class GroupedExperts(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Permute / un-permute: the pieces every dispatcher shares
+# Permute / combine: the pieces every dispatcher shares
 # --------------------------------------------------------------------------------------------
 
 
@@ -174,18 +173,6 @@ def permute_by_expert(
         order = torch.sort(flat, stable=True).indices
     x_sorted = x.index_select(0, order // k) if k > 1 else x.index_select(0, order)
     return x_sorted, counts, order
-
-
-def unpermute(y_sorted: Tensor, order: Tensor, num_rows: int) -> Tensor:
-    """Inverse of a permutation: row i of y_sorted goes to row order[i] of a (num_rows, d) tensor.
-
-    Rows that no sorted row maps to are zero. Costs one scatter of M rows (its backward, one
-    gather); the zero fill is skipped when order covers every row.
-    """
-    m, d = y_sorted.shape
-    out = y_sorted.new_empty(num_rows, d) if m == num_rows else y_sorted.new_zeros(num_rows, d)
-    # In place on a fresh buffer: no autograd copy of `out`.
-    return out.index_copy_(0, order, y_sorted)
 
 
 class _Combine(torch.autograd.Function):
@@ -237,7 +224,7 @@ class TokenDispatcher:
 
     `__call__(x (N, d), expert_idx (N, k), weights (N, k), keep (N, k) bool or None, experts)`
     returns (N, d) = sum over kept slots of weight * expert(x). `last_a2a_bytes` is what the last
-    call sent to other ranks (0 when local).
+    call sends to other ranks, forward and backward (0 when local).
     """
 
     last_a2a_bytes: int = 0
