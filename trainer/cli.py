@@ -5,7 +5,6 @@
     train -m +recipe=moe_8x model.moe.num_experts=4,8,16
 """
 
-import io
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from .data import ByteDataModule, checked_token_files
-from .errors import ConfigError
+from .errors import ConfigError, explain_composition_error, hold_stderr, release_stderr, stderr_held
 from .model import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
@@ -33,8 +32,6 @@ from .validate import validate, validate_devices
 log = logging.getLogger("paratrain")
 register_configs()
 register_recipes()
-_job_started = False  # set once Hydra hands us a composed config: errors before that are config errors
-_real_stderr = None  # while Hydra composes, stderr is held (see main) so that a composition error can be explained
 
 
 def quiet_lightning() -> None:
@@ -89,9 +86,7 @@ def run(cfg: DictConfig) -> RunDirectory:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    global _job_started
-    _job_started = True
-    sys.stderr.write(release_stderr())
+    sys.stderr.write(release_stderr())  # composed: from here on, errors are ours to report
     try:
         if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
             slurm.run_in_job(cfg, run)
@@ -108,34 +103,17 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(ConfigError.exit_code)
 
 
-def release_stderr() -> str:
-    """Give stderr back; returns what was held."""
-    global _real_stderr
-    if _real_stderr is None:
-        return ""
-    held, sys.stderr, _real_stderr = sys.stderr.getvalue(), _real_stderr, None
-    return held
-
-
-def explain_composition_error(held: str, argv: list[str]) -> str:
-    """OmegaConf's bare assertion for a key set inside a null node, as a config error; anything else as it was."""
-    inside_moe = [a for a in argv if a.startswith("model.moe.")]
-    if "Unexpected type for root: NoneType" not in held or not inside_moe:
-        return held
-    return (f"Error: {inside_moe[0]} sets a key inside model.moe, but the model is dense (model.moe=null), so there is "
-            f"no model.moe to set it in. Pick an MoE model first, e.g. `train model=moe {inside_moe[0]}` or "
-            f"`train +recipe=moe_8x {inside_moe[0]}`.\n")
-
-
 def main() -> None:
     """Console entry point: Hydra's own errors (unknown key, missing option) exit 2, like ours."""
-    global _real_stderr
-    _real_stderr, sys.stderr = sys.stderr, io.StringIO()  # until hydra_main starts (or the command ends)
+    # stderr is held while Hydra composes (until hydra_main or a sweep starts), so that a composition
+    # error can be explained. The state lives in errors.py: sweep launchers pickle hydra_main by value.
+    hold_stderr()
     try:
         hydra_main()
     except SystemExit as e:
+        composing = stderr_held()
         held = release_stderr()
-        if e.code == 1 and not _job_started:
+        if e.code == 1 and composing:
             sys.stderr.write(explain_composition_error(held, sys.argv[1:]))
             sys.exit(ConfigError.exit_code)
         sys.stderr.write(held)

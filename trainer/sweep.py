@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, release_stderr
 
 log = logging.getLogger("paratrain")
 # hydra.* overrides a job's own rerun must not repeat: they belong to the sweep, or are pinned anew.
@@ -253,6 +253,7 @@ class SweepCallbacks(Callback):
     """Hydra callbacks of every sweep (conf/config.yaml, hydra.callbacks)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        sys.stderr.write(release_stderr())  # composed (see cli.main)
         if config.cluster.name == "slurm":  # check and fill the submitit launcher before it submits anything
             from .slurm import prepare_sweep
 
