@@ -95,6 +95,10 @@ def test_too_little_data_for_one_sequence_is_refused(tmp_path):
                                           cache_dir=str(tmp_path / "c")))
     with pytest.raises(ConfigError, match=r"validation split of 50 tokens.*data\.seq_len=128"):
         checked_token_files(cfg, vocab_size=256)
+    (tmp_path / "tiny.txt").write_text("x")  # one byte: an empty training split
+    cfg = OmegaConf.structured(DataConfig(source="text", path=str(tmp_path / "tiny.txt"), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ConfigError, match=r"training split of 0 tokens"):
+        checked_token_files(cfg, vocab_size=256)
 
 
 def test_stdlib_corpus_is_real_source_without_tests():

@@ -126,15 +126,15 @@ def checked_token_files(cfg, vocab_size: int) -> tuple[Path, Path]:
     """token_files, then the rules that need the tokens themselves: each split holds at least one
     sequence, and every id fits the model's embedding (else a crash deep inside the first step)."""
     paths = token_files(cfg)
-    for split, path in zip(("training", "validation"), paths):
-        tokens = load_tokens(path)
-        if len(tokens) < cfg.seq_len + 1:
+    meta = json.loads((paths[0].parent / "meta.json").read_text())  # sizes from meta: an empty file cannot be mmapped
+    for split, size in (("training", meta["train_tokens"]), ("validation", meta["val_tokens"])):
+        if size < cfg.seq_len + 1:
             raise ConfigError(
-                f"data.path={cfg.path!r} gives a {split} split of {len(tokens)} tokens, fewer than one sequence of "
+                f"data.path={cfg.path!r} gives a {split} split of {size} tokens, fewer than one sequence of "
                 f"data.seq_len={cfg.seq_len} plus its target: the split takes data.val_fraction={cfg.val_fraction} "
                 f"of the data. Add data, lower data.seq_len, or adjust data.val_fraction."
             )
-    top = json.loads((paths[0].parent / "meta.json").read_text())["max_id"]
+    top = meta["max_id"]
     if top >= vocab_size:
         raise ConfigError(
             f"data.path={cfg.path!r} holds token id {top}, but model.vocab_size={vocab_size}: every id must be "
