@@ -13,8 +13,8 @@ OVERRIDEs change it, e.g. model.moe.num_experts=16.
 After --steps unprofiled steps (timed: the median is the plain step time), --profile-steps more run
 under torch.profiler (CPU activities). All-to-all time = the summed wall time, on the training
 thread, of the outermost events of:
-  counts   the count exchange and the routing ids (dist.all_to_all_single, synchronous; wrapped
-           here in a record_function, since its wait is not an op the profiler records)
+  counts   the per-destination count exchange (dist.all_to_all_single, synchronous; wrapped here
+           in a record_function, since its wait is not an op the profiler records)
   fwd      the functional all_to_all_single of dispatch and combine (launch) and their
            _c10d_functional::wait_tensor (where the training thread blocks for the data)
   bwd      autograd's evaluate_function of the all-to-all backward (launch + wait of the reverse

@@ -29,10 +29,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .errors import ConfigError
 from .sweep import mark_failed, read_summary, rerun_overrides
-from .validate import validate, validate_cluster
+from .validate import GPU_ACCELERATORS, validate, validate_cluster
 
 log = logging.getLogger("paratrain")
-GPU_ACCELERATORS = ("gpu", "cuda")
 # trainer.* keys that shape the sbatch allocation: one sweep submits every job with the same shape.
 SHAPE_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.accelerator")
 ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",

@@ -75,8 +75,8 @@ def rerun_overrides(run_dir: Path) -> list[str]:
 def run_sweep_job() -> dict:
     """The task function of a local sweep job: run it as `python -m paratrain.trainer.cli ...` and wait.
 
-    Its output goes to the console (prefixed `[job N]`) and to <job dir>/console.log (the job's own log records: train.log). Returns its summary;
-    never raises for a failed job."""
+    Its output goes to the console (prefixed `[job N]`) and to <job dir>/console.log; the job's own log
+    records are in train.log. Returns its summary; never raises for a failed job."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     cmd = [sys.executable, "-m", "paratrain.trainer.cli", *rerun_overrides(run_dir)]

@@ -18,6 +18,7 @@ STRATEGIES = ("single", "ddp", "expert", "hybrid")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -134,7 +135,7 @@ def validate_cluster(cfg, submitting: bool = False) -> None:
              f"cluster.nodes={c.nodes} differs from trainer.num_nodes={t.num_nodes}: Lightning requires SLURM_NNODES "
              f"== trainer.num_nodes. Drop the cluster.nodes override (it follows trainer.num_nodes), or set "
              f"trainer.num_nodes={c.nodes}.")
-    if c.gpus_per_node is not None and t.accelerator in ("gpu", "cuda"):
+    if c.gpus_per_node is not None and t.accelerator in GPU_ACCELERATORS:
         _require(c.gpus_per_node == t.devices,
                  f"cluster.gpus_per_node={c.gpus_per_node} differs from trainer.devices={t.devices}: with "
                  f"trainer.accelerator={t.accelerator} each rank drives one GPU. Drop the cluster.gpus_per_node "
@@ -154,7 +155,7 @@ def validate_cluster(cfg, submitting: bool = False) -> None:
 
 def validate_devices(t, launched_externally: bool) -> None:
     """The devices this machine has: checked where the run trains, not where a SLURM job is submitted."""
-    if t.accelerator not in ("gpu", "cuda"):
+    if t.accelerator not in GPU_ACCELERATORS:
         return
     found = torch.cuda.device_count()
     _require(found > 0, f"trainer.accelerator={t.accelerator}, but this machine has no CUDA GPU that torch can use "
