@@ -94,10 +94,11 @@ def body(rank, world, port, args, out_dir) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         from paratrain.strategies.grad_sync import GradientSync
-        from paratrain.strategies.layout import apply_layout, clip_grad_norm_
+        from paratrain.strategies.grad_norm import clip_grad_norm_
+        from paratrain.strategies.layout import apply_layout
         from paratrain.strategies.mesh import ParallelDims, build_mesh
         from paratrain.trainer.data import TrainBatches, token_files
-        from paratrain.trainer.model import build_model
+        from paratrain.trainer.models.transformer import build_model
 
         cfg = compose(["+recipe=moe_8x", *args.overrides])
         time_the_count_exchange()

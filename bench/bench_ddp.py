@@ -44,7 +44,7 @@ def worker(args) -> None:
 
     from paratrain.strategies import MeshStrategy
     from paratrain.trainer.data import ByteDataModule, checked_token_files
-    from paratrain.trainer.model import build_model
+    from paratrain.trainer.models.transformer import build_model
     from paratrain.trainer.module import LanguageModelTask
     from paratrain.trainer.schema import DataConfig, ModelConfig, OptimizerConfig
 

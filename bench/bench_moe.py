@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from paratrain.trainer.moe import MoE, SwiGLU
+from paratrain.trainer.models.moe import MoE, SwiGLU
 
 
 def fwd_bwd(module, x, grad):

@@ -52,7 +52,7 @@ def plain_worker(args) -> None:
     import torch.nn.functional as F
 
     from paratrain.trainer.data import TrainBatches, token_files
-    from paratrain.trainer.model import build_model
+    from paratrain.trainer.models.transformer import build_model
 
     torch.set_num_threads(1)
     cfg = compose(common_overrides(args))

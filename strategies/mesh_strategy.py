@@ -15,9 +15,10 @@ from lightning.pytorch.strategies.strategy import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from . import checkpoint
+from . import portable_state
 from .grad_sync import GradientSync
-from .layout import apply_layout, clip_grad_norm_
+from .grad_norm import clip_grad_norm_
+from .layout import apply_layout
 from .mesh import ParallelDims, build_mesh
 from .zero import OptimizerStateSharding
 
@@ -111,7 +112,7 @@ class MeshStrategy(ModelParallelStrategy):
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
     # --- checkpoints: every rank saves and loads what it holds, keyed by parameter name and ---
-    # global expert index (strategies/checkpoint.py), so a checkpoint loads under any mesh.
+    # global expert index (strategies/portable_state.py), so a checkpoint loads under any mesh.
     @property
     def lightning_restore_optimizer(self) -> bool:
         return False  # load_checkpoint fills the optimizers in place (each rank: the params it holds)
@@ -121,24 +122,24 @@ class MeshStrategy(ModelParallelStrategy):
         return True  # load into the laid-out model and the (possibly sharded) optimizer
 
     def lightning_module_state_dict(self):
-        return checkpoint.model_state(self.lightning_module)
+        return portable_state.model_state(self.lightning_module)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         pass  # load_checkpoint has loaded the weights
 
     def optimizer_state(self, optimizer):
         index = next(i for i, o in enumerate(self.optimizers) if o is optimizer)
-        return checkpoint.optimizer_state(self.lightning_module, optimizer, index)
+        return portable_state.optimizer_state(self.lightning_module, optimizer, index)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         pass  # load_checkpoint has loaded the optimizer state
 
     def save_checkpoint(self, checkpoint_dict, filepath, storage_options=None) -> None:
-        checkpoint.save(filepath, checkpoint_dict)  # collective: every rank writes its shards
+        portable_state.save(filepath, checkpoint_dict)  # collective: every rank writes its shards
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         path = self.broadcast(str(checkpoint_path))  # every rank reads the directory rank 0 chose
-        return checkpoint.load(path, self.lightning_module, self.optimizers)
+        return portable_state.load(path, self.lightning_module, self.optimizers)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..trainer.moe import GroupedExperts, TokenDispatcher, unpermute_and_combine
+from ..trainer.models.moe import GroupedExperts, TokenDispatcher, unpermute_and_combine
 
 __all__ = ["AllToAllTokenDispatcher"]
 

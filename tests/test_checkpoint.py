@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import TINY_MOE, metrics, summary, train, train_losses
-from paratrain.strategies import checkpoint as ckpt
+from paratrain.strategies import portable_state as ckpt
 
 ARGS = [*TINY_MOE, "optimizer.warmup_steps=8", "optimizer.min_lr_ratio=1.0", "strategy.timeout_s=60"]
 EXPERT2 = ["strategy=expert", "trainer.devices=2"]
@@ -79,7 +79,7 @@ def runs(tmp_path_factory):
 def test_state_is_keyed_by_global_expert_and_loads_into_another_layout(tmp_path):
     """In one process, no process group: a ZeRO-like optimizer holding some parameters saves;
     a model holding only experts [2, 4) loads its experts' weights and the state that exists."""
-    from paratrain.trainer.model import Transformer, build_model, materialize
+    from paratrain.trainer.models.transformer import Transformer, build_model, materialize
     from paratrain.trainer.schema import ModelConfig, MoEConfig
 
     cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, moe=MoEConfig(num_experts=4, expert_ffn_dim=8))

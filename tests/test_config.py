@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from paratrain.strategies import MeshStrategy
-from paratrain.trainer.model import build_model
+from paratrain.trainer.models.transformer import build_model
 from paratrain.trainer.module import build_optimizer
 from paratrain.trainer.recipes import recipe_names, register_recipes
 from paratrain.trainer.schema import register_configs

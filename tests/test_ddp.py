@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from paratrain.strategies.checkpoint import consolidated_model_state
+from paratrain.strategies.portable_state import consolidated_model_state
 from conftest import TINY, TINY_MOE, summary, train, train_losses
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from distributed import run_on_ranks
-from paratrain.trainer.model import build_model
+from paratrain.trainer.models.transformer import build_model
 from paratrain.trainer.schema import ModelConfig, MoEConfig
 
 SEED = 11

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from paratrain.trainer.model import (
+from paratrain.trainer.models.transformer import (
     Transformer,
     build_model,
     count_params,
     init_weights,
     materialize,
 )
-from paratrain.trainer.moe import GroupedExperts, MoE
+from paratrain.trainer.models.moe import GroupedExperts, MoE
 from paratrain.trainer.schema import ModelConfig, MoEConfig
 
 
@@ -25,9 +25,10 @@ def tiny_cfg(moe=True, **moe_kwargs):
 
 
 def test_model_code_never_imports_torch_distributed():
-    root = Path(__file__).resolve().parents[1] / "trainer"
-    for name in ("model.py", "moe.py"):
-        tree = ast.parse((root / name).read_text())
+    root = Path(__file__).resolve().parents[1] / "trainer" / "models"
+    for path in sorted(root.glob("*.py")):
+        name = path.name
+        tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]

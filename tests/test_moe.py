@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paratrain.trainer.moe import (
+from paratrain.trainer.models.moe import (
     GroupedExperts,
     LocalTokenDispatcher,
     MoE,

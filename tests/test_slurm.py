@@ -206,7 +206,7 @@ def test_slurm_sweep_rules_name_the_key_and_the_fix(overrides, swept, pattern, c
     from omegaconf import open_dict, read_write
 
     from paratrain.trainer.errors import ConfigError
-    from paratrain.trainer.slurm import prepare_sweep
+    from paratrain.trainer.launch.slurm import prepare_sweep
 
     fake = tmp_path / "sbatch"  # an sbatch on PATH, so that only the rule under test can fail; never run
     fake.write_text("#!/bin/sh\nexit 1\n")
@@ -220,7 +220,7 @@ def test_slurm_sweep_rules_name_the_key_and_the_fix(overrides, swept, pattern, c
 
 
 def test_slurm_parameters_follow_the_trainer(compose_slurm, monkeypatch, tmp_path):
-    from paratrain.trainer.slurm import launcher_parameters, prepare_sweep
+    from paratrain.trainer.launch.slurm import launcher_parameters, prepare_sweep
 
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/sh\nexit 1\n")

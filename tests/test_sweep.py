@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_MOE, summary
 
-from paratrain.trainer import sweep
+from paratrain.trainer.launch import sweep
 
 
 def train_multirun(args, sweep_dir: Path, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_an_invalid_job_is_reported_and_the_others_still_run(tmp_path, capsys):
 
 
 def test_sweep_summary_command_on_a_directory_without_jobs_exits_2(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "paratrain.trainer.sweep", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "paratrain.trainer.launch.sweep", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "holds no sweep job" in done.stderr and "Traceback" not in done.stderr

@@ -3,7 +3,7 @@
 Reference: ONE process, the full layer (LocalTokenDispatcher) on the global batch, loss =
 (y * R).sum() / N_global for a fixed random R. Distributed: W gloo processes; rank r runs rows
 [r * B, (r + 1) * B) of the same batch on its expert shard with the layer laid out by the real
-`layout.apply_expert_sharding` / `apply_token_dispatch`, and loss_r = (y_r * R_r).sum() / N_r,
+`expert_parallel.apply_expert_sharding` / `apply_token_dispatch`, and loss_r = (y_r * R_r).sum() / N_r,
 the mean over its own share, as in training. The reference loss is (1/W) * sum_r loss_r, so:
 
 - outputs: y_r equals the reference rows of rank r;
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from distributed import run_on_ranks  # noqa: E402  (tests/ is on sys.path under pytest)
-from paratrain.trainer.moe import MoE, capacity_keep_mask, expert_capacity
+from paratrain.trainer.models.moe import MoE, capacity_keep_mask, expert_capacity
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 D, H, B, T = 8, 12, 2, 6  # width, expert width, sequences per rank, tokens per sequence
@@ -109,7 +109,7 @@ def _reference(name):
 def _run_cases(rank, world_size, cases):
     """Body on every rank: each case's local outputs, gradients and dispatcher counters."""
     from paratrain.strategies.grad_sync import reduction_groups_for
-    from paratrain.strategies.layout import apply_expert_sharding, apply_token_dispatch, expert_params
+    from paratrain.strategies.expert_parallel import apply_expert_sharding, apply_token_dispatch, expert_params
     from paratrain.strategies.mesh import ParallelDims, build_mesh, ep_group, ep_rank
     from paratrain.strategies.token_dispatch import AllToAllTokenDispatcher
 

@@ -19,13 +19,13 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .data import ByteDataModule, checked_token_files
 from .errors import ConfigError, explain_composition_error, hold_stderr, release_stderr, stderr_held
-from .model import build_model, count_params
+from .models.transformer import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
-from .checkpointing import Checkpointer, resolve_resume
+from .checkpoint_files import Checkpointer, resolve_resume
 from . import faults
-from . import slurm, sweep
+from .launch import slurm, sweep
 from .schema import register_configs
 from .validate import validate, validate_devices
 
@@ -91,7 +91,7 @@ def hydra_main(cfg: DictConfig) -> None:
         if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
             slurm.run_in_job(cfg, run)
         elif cfg.cluster.name == "slurm":  # not in the job yet: submit one, follow it
-            status = slurm.submit(cfg)
+            status = slurm.submit(cfg, hydra_main)
             if status:
                 sys.exit(status)
         elif HydraConfig.get().mode == RunMode.MULTIRUN:  # a local sweep job: its own process tree

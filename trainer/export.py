@@ -17,8 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..strategies import checkpoint as ckpt
-from .checkpointing import find_checkpoint
+from ..strategies import portable_state as ckpt
+from .checkpoint_files import find_checkpoint
 from .errors import ConfigError
 
 FORMAT = "paratrain-export/1"
@@ -53,7 +53,7 @@ def load_exported(path, device="cpu"):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .model import build_model
+    from .models.transformer import build_model
 
     with safe_open(str(path), framework="pt") as f:
         model_cfg = OmegaConf.create(json.loads(f.metadata()["paratrain.model_config"]))

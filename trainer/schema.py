@@ -123,7 +123,7 @@ class DataConfig:
 @dataclass
 class ClusterConfig:
     """Where a run's processes start. The keys below `name` apply to cluster=slurm (conf/cluster/slurm.yaml):
-    trainer/slurm.py turns them into submitit's sbatch parameters, for a single run and for a sweep."""
+    trainer/launch/slurm.py turns them into submitit's sbatch parameters, for a single run and for a sweep."""
 
     name: str = "local"
     """local (trainer.devices processes on this machine) | slurm (submitted with sbatch through submitit)."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "GroupedExperts",

@@ -3,7 +3,7 @@
     <run_dir>/checkpoints/step000300/     complete: published by an atomic rename, has manifest.json
     <run_dir>/checkpoints/.tmp-step000400/ being written (or left by a killed run: ignored, warned)
 
-Every rank writes its shards into the temporary directory (strategies/checkpoint.py); rank 0 then
+Every rank writes its shards into the temporary directory (strategies/portable_state.py); rank 0 then
 renames it to its final name, so a checkpoint is either complete or invisible to `resume=auto`.
 The newest `trainer.keep_last_checkpoints` are kept.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import OmegaConf
 
-from ..strategies import checkpoint as ckpt
+from ..strategies import portable_state as ckpt
 from . import faults
 from .errors import ConfigError
 

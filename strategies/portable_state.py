@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..trainer.errors import ConfigError
-from ..trainer.moe import GroupedExperts
+from ..trainer.models.moe import GroupedExperts
 
 FORMAT = "paratrain-checkpoint/1"
 META_FILE = "meta.json"

@@ -10,7 +10,7 @@ next. So with Hydra's basic launcher the task function of each job starts
 ports, process groups and Lightning state end with that process tree. A failed job (exit 2 for a
 bad config, 1 for a crash) is recorded in its summary.json and the sweep goes on; `train -m` then
 exits 1. At the end (Hydra's on_multirun_end) the sweep root gets sweep_summary.csv, .md and .png:
-one row per job. With cluster=slurm each job is a SLURM job instead (trainer/slurm.py); the
+one row per job. With cluster=slurm each job is a SLURM job instead (trainer/launch/slurm.py); the
 summary is the same.
 """
 
@@ -28,12 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, release_stderr
+from ..errors import ConfigError, release_stderr
+from .jobs import mark_failed, read_summary, rerun_overrides
 
 log = logging.getLogger("paratrain")
-# hydra.* overrides a job's own rerun must not repeat: they belong to the sweep, or are pinned anew.
-SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.output_subdir", "hydra.job.num", "hydra.job.id",
-              "hydra/launcher", "hydra.launcher.", "hydra/sweeper", "hydra.sweeper.", "hydra.callbacks")
 COLUMNS = ["job", "overrides", "status", "final_loss", "final_val_loss", "tokens_per_s", "params_total",
            "params_active_per_token", "peak_rss_mb", "steps", "wall_s", "error"]
 _failed_jobs: list[dict] = []  # of the sweep that just ended in this process; cli.main exits 1 if any
@@ -41,34 +39,6 @@ _failed_jobs: list[dict] = []  # of the sweep that just ended in this process; c
 
 def failed_jobs() -> list[dict]:
     return list(_failed_jobs)
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def mark_failed(run_dir: Path, error: str, exit_code: int | None) -> dict:
-    """Make summary.json say the run failed and why; keep what the run itself wrote (and its own error)."""
-    summary = read_summary(run_dir) or {}
-    own = summary.get("error") if summary.get("status") == "failed" else None
-    if own and (error in own or own in error):
-        error = max(own, error, key=len)
-    elif own:
-        error = f"{own}; {error}"
-    summary.update(status="failed", exit_code=exit_code, error=error)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def rerun_overrides(run_dir: Path) -> list[str]:
-    """The current Hydra job as the overrides of a plain run pinned to RUN_DIR (Hydra already wrote .hydra/ there)."""
-    hydra_cfg = HydraConfig.get()
-    keep = [str(o) for o in hydra_cfg.overrides.hydra if not str(o).lstrip("+~").startswith(SWEEP_ONLY)]
-    return [*map(str, hydra_cfg.overrides.task), *keep, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 
 # --- one local sweep job -----------------------------------------------------------------------
@@ -202,7 +172,7 @@ def markdown(sweep_dir: Path, jobs: list[dict], rows: list[dict]) -> str:
 
 def plot_sweep(jobs: list[dict], keys: list[str], path: Path) -> None:
     """Left: final losses against the swept value. Right: the train-loss curves of every job, overlaid."""
-    from . import plots  # noqa: F401  (selects the Agg backend)
+    from .. import plots  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
     def value(job):

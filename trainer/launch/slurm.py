@@ -5,7 +5,7 @@
 
 A single run submits one job here (`submit`); a sweep goes through hydra-submitit-launcher, whose
 parameters (hydra.launcher.*) `prepare_sweep` fills from the same `launcher_parameters`. Either
-way every SLURM task is one rank and runs the Hydra task function itself (cli.hydra_main ->
+way every SLURM task is one rank and runs the Hydra task function itself (the CLI passes its hydra_main ->
 `run_in_job`): Lightning reads its rank from the SLURM environment, so nothing is launched locally.
 That needs --ntasks-per-node == trainer.devices and --nodes == trainer.num_nodes: cluster.* follows
 trainer.* and validate_cluster() checks it.
@@ -27,9 +27,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
-from .errors import ConfigError
-from .sweep import mark_failed, read_summary, rerun_overrides
-from .validate import GPU_ACCELERATORS, validate, validate_cluster
+from ..errors import ConfigError
+from .jobs import mark_failed, read_summary, rerun_overrides
+from ..validate import GPU_ACCELERATORS, validate, validate_cluster
 
 log = logging.getLogger("paratrain")
 # trainer.* keys that shape the sbatch allocation: one sweep submits every job with the same shape.
@@ -109,7 +109,7 @@ def prepare_sweep(config) -> None:
             source = {"additional_parameters": "cluster.sbatch", "max_num_timeout": "cluster.requeue_on_timeout"}.get(
                 name, f"cluster.{name}")
             raise ConfigError(
-                f"{o}: hydra.launcher.{name} is filled from {source} (trainer/slurm.py), so this value would be "
+                f"{o}: hydra.launcher.{name} is filled from {source} (trainer/launch/slurm.py), so this value would be "
                 f"ignored. Set {source} instead (documented in trainer/schema.py, ClusterConfig).")
     with read_write(config.hydra), open_dict(config.hydra.launcher):
         for key, value in managed.items():
@@ -126,14 +126,13 @@ class SubmittedRun:
     `checkpoint` makes submitit requeue it at the time limit (same arguments: the task function
     switches to resume=auto when SLURM_RESTART_COUNT > 0)."""
 
-    def __init__(self, overrides: list[str], run_dir: str):
-        self.overrides, self.run_dir = overrides, run_dir
+    def __init__(self, overrides: list[str], run_dir: str, task_function):
+        # task_function is the CLI's Hydra app, passed in (pickled by reference): launchers never import the CLI.
+        self.overrides, self.run_dir, self.task_function = overrides, run_dir, task_function
 
     def __call__(self) -> dict:
-        from .cli import hydra_main
-
         sys.argv = [sys.argv[0], *self.overrides]
-        hydra_main()
+        self.task_function()
         return read_summary(Path(self.run_dir)) or {"status": "failed", "error": "the job wrote no summary.json"}
 
     def checkpoint(self, *args, **kwargs):
@@ -142,8 +141,10 @@ class SubmittedRun:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def submit(cfg) -> int:
-    """`train cluster=slurm ...` without -m: check everything, submit one job, follow it. Returns an exit status."""
+def submit(cfg, task_function) -> int:
+    """`train cluster=slurm ...` without -m: check everything, submit one job, follow it. Returns an exit status.
+
+    `task_function` (the CLI's Hydra app) is what every task of the job runs."""
     try:
         validate(cfg)  # what the job would check first, before anything is submitted
     except MissingMandatoryValue as e:
@@ -152,7 +153,7 @@ def submit(cfg) -> int:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ex = executor(run_dir / ".submitit" / "%j", launcher_parameters(cfg), name=hydra_cfg.job.name)
-    job = ex.submit(SubmittedRun(rerun_overrides(run_dir), str(run_dir)))
+    job = ex.submit(SubmittedRun(rerun_overrides(run_dir), str(run_dir), task_function))
     stdout = job.task(0).paths.stdout
     print(f"submitted SLURM job {job.job_id}; run directory {run_dir}; log {stdout}", flush=True)
     if not cfg.cluster.wait:
@@ -249,6 +250,6 @@ def resumable(cfg, run_dir: Path) -> bool:
     """After a requeue: continue with resume=auto unless the run names a checkpoint and none of its own exists yet."""
     if cfg.resume in (None, "auto"):
         return True
-    from .checkpointing import complete_checkpoints
+    from ..checkpoint_files import complete_checkpoints
 
     return bool(complete_checkpoints(run_dir / "checkpoints"))

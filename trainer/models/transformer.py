@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .moe import GroupedExperts, MoE, SwiGLU  # SwiGLU is the dense FFN too
 
 __all__ = [

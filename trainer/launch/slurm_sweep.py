@@ -18,7 +18,7 @@ from omegaconf import open_dict
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-from .sweep import mark_failed
+from .jobs import mark_failed
 
 log = logging.getLogger("paratrain")
 
@@ -53,7 +53,7 @@ def fail_jobs_alone() -> None:
 
     submitit builds the jobs of an array itself (SlurmJob, not a class one can pass in), and
     hydra-submitit-launcher waits on them with `job.results()`: so the change is made to that class,
-    in the process that submits the sweep (trainer/slurm.py: prepare_sweep)."""
+    in the process that submits the sweep (trainer/launch/slurm.py: prepare_sweep)."""
     if getattr(SlurmJob.results, "fails_alone", False):
         return
     results = SlurmJob.results

@@ -1,0 +1,1 @@
+"""What is trained: the plain dense and MoE transformer (no torch.distributed in here)."""
