@@ -91,7 +91,7 @@ def hydra_main(cfg: DictConfig) -> None:
         if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
             slurm.run_in_job(cfg, run)
         elif cfg.cluster.name == "slurm":  # not in the job yet: submit one, follow it
-            status = slurm.submit(cfg, hydra_main)
+            status = slurm.submit(cfg, "paratrain.trainer.cli:hydra_main")  # by name: see SubmittedRun
             if status:
                 sys.exit(status)
         elif HydraConfig.get().mode == RunMode.MULTIRUN:  # a local sweep job: its own process tree

@@ -16,6 +16,7 @@ is off. A requeued job keeps its run directory (fixed at submission) and runs wi
 it continues from its newest complete checkpoint; so does a job requeued by hand or by preemption.
 """
 
+import importlib
 import logging
 import os
 import subprocess
@@ -126,13 +127,16 @@ class SubmittedRun:
     `checkpoint` makes submitit requeue it at the time limit (same arguments: the task function
     switches to resume=auto when SLURM_RESTART_COUNT > 0)."""
 
-    def __init__(self, overrides: list[str], run_dir: str, task_function):
-        # task_function is the CLI's Hydra app, passed in (pickled by reference): launchers never import the CLI.
+    def __init__(self, overrides: list[str], run_dir: str, task_function: str):
+        # "module:function" of the CLI's Hydra app, imported in the job: launchers never import the CLI, and a
+        # function object would be pickled by value when the CLI runs as __main__ (python -m), losing its config path.
         self.overrides, self.run_dir, self.task_function = overrides, run_dir, task_function
 
     def __call__(self) -> dict:
+        module, _, name = self.task_function.partition(":")
+        task_function = getattr(importlib.import_module(module), name)
         sys.argv = [sys.argv[0], *self.overrides]
-        self.task_function()
+        task_function()
         return read_summary(Path(self.run_dir)) or {"status": "failed", "error": "the job wrote no summary.json"}
 
     def checkpoint(self, *args, **kwargs):
@@ -141,10 +145,10 @@ class SubmittedRun:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def submit(cfg, task_function) -> int:
+def submit(cfg, task_function: str) -> int:
     """`train cluster=slurm ...` without -m: check everything, submit one job, follow it. Returns an exit status.
 
-    `task_function` (the CLI's Hydra app) is what every task of the job runs."""
+    `task_function` ("module:function" of the CLI's Hydra app) is what every task of the job runs."""
     try:
         validate(cfg)  # what the job would check first, before anything is submitted
     except MissingMandatoryValue as e:
