@@ -25,6 +25,7 @@ from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
 from .checkpoint_files import Checkpointer, resolve_resume
 from . import faults
+from .stop_signals import StopSignals
 from .launch import slurm, sweep
 from .schema import register_configs
 from .validate import validate, validate_devices
@@ -52,6 +53,7 @@ def run(cfg: DictConfig) -> RunDirectory:
         raise ConfigError(f"{e.full_key} is missing (???): this config option needs a value. Set it, e.g. {e.full_key}=...") from None
     validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
     run_dir = HydraConfig.get().runtime.output_dir
+    stop = StopSignals().install()  # from here SIGTERM/SIGINT end the run after a step, with its checkpoint
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
@@ -77,10 +79,13 @@ def run(cfg: DictConfig) -> RunDirectory:
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
-        enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t),
+        enable_checkpointing=False, callbacks=[run_directory, checkpointer, stop, *faults.callbacks(t),
                                                  *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
+    stop.attach(trainer, checkpointer, run_directory)
+    stop.exit_if_signalled()
     trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    stop.finish()  # exits 128 + N if a signal stopped the run
     return run_directory
 
 
