@@ -201,7 +201,7 @@ class Checkpointer(L.Callback):
         try:
             # Every rank writes its shards; DCP gathers any rank's write error and raises it on every rank.
             trainer.save_checkpoint(tmp, weights_only=False)  # ends in a barrier
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
             if not disk_full(e):
                 raise
             raise self._disk_full_error(trainer, step, tmp) from None

@@ -28,7 +28,7 @@ from . import faults
 from .stop_signals import StopSignals
 from .launch import slurm, sweep
 from .schema import register_configs
-from .validate import validate, validate_devices
+from .validate import check_run_paths, validate, validate_devices
 
 log = logging.getLogger("paratrain")
 register_configs()
@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> RunDirectory:
         raise ConfigError(f"{e.full_key} is missing (???): this config option needs a value. Set it, e.g. {e.full_key}=...") from None
     validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
     run_dir = HydraConfig.get().runtime.output_dir
+    check_run_paths(cfg, run_dir, count_params(None, cfg.model)["params_total"])
     stop = StopSignals().install()  # from here SIGTERM/SIGINT end the run after a step, with its checkpoint
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
