@@ -142,9 +142,9 @@ class StopSignals(L.Callback):
         self.stopped = (signum, step)
         self.run_directory.stopped_by = self._record(signum, step)
         trainer.should_stop = True
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if (epoch_loop.total_batch_idx + 1) % max(1, int(trainer.val_check_batch)):
-            trainer.limit_val_batches = 0  # Lightning would validate on a stop; only a scheduled validation runs
+        every = trainer.val_check_batch  # in batches; float("inf") when validation is off
+        if not (isinstance(every, int) and every > 0 and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0):
+            trainer.limit_val_batches = 0  # Lightning validates on any early stop; only a scheduled validation runs
 
     def _record(self, signum: int, step: int, at_once: bool = False) -> dict:
         name = signal.Signals(signum).name
