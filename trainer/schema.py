@@ -19,6 +19,8 @@ class MoEConfig:
     """Experts each token is sent to."""
     every_n_layers: int = 1
     """Layer i has an MoE FFN when (i + 1) % every_n_layers == 0; the others stay dense."""
+    first_dense_layers: int = 0
+    """Layers [0, first_dense_layers) keep the dense FFN (DeepSeek-V3's first_k_dense_replace: 3)."""
     expert_ffn_dim: Optional[int] = None
     """Hidden width of one expert's SwiGLU FFN; null = model.ffn_dim."""
     capacity_factor: Optional[float] = None

@@ -52,6 +52,9 @@ def validate_model(m) -> None:
     _require(1 <= moe.every_n_layers <= m.n_layers,
              f"model.moe.every_n_layers={moe.every_n_layers} must be between 1 and model.n_layers={m.n_layers}, "
              f"or no layer would be an MoE layer. Use 1 for every layer, 2 for every other one.")
+    _require(0 <= moe.first_dense_layers < m.n_layers,
+             f"model.moe.first_dense_layers={moe.first_dense_layers} must be between 0 and model.n_layers - 1 = "
+             f"{m.n_layers - 1}, or no layer would be an MoE layer. Use 0 for none, or model.moe=null for a dense model.")
     _require(moe.capacity_factor is None or moe.capacity_factor > 0,
              f"model.moe.capacity_factor={moe.capacity_factor} must be positive: it scales each expert's token budget. "
              f"Use e.g. 1.25, or null for dropless routing.")

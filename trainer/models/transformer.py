@@ -1,7 +1,8 @@
 """Decoder-only transformer, dense or Mixture-of-Experts, as a plain nn.Module.
 
 Pre-norm blocks (RMSNorm), rotary attention through `F.scaled_dot_product_attention`, SwiGLU FFNs;
-layer i has an MoE FFN when cfg.moe is set and (i + 1) % cfg.moe.every_n_layers == 0.
+layer i has an MoE FFN when cfg.moe is set, i >= cfg.moe.first_dense_layers and
+(i + 1) % cfg.moe.every_n_layers == 0 (`is_moe_layer`).
 
 Nothing here knows about distribution. A strategy builds the model on the meta device, lays it
 out (e.g. `GroupedExperts.keep_experts` to shard experts, a new `MoE.dispatcher`), then calls
@@ -35,6 +36,7 @@ __all__ = [
     "materialize",
     "count_params",
     "count_expert_params",
+    "is_moe_layer",
 ]
 
 
@@ -127,6 +129,12 @@ def _get(cfg, key: str, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
+def is_moe_layer(cfg, i: int) -> bool:
+    """Whether block i has an MoE FFN (the others keep the dense SwiGLU of width ffn_dim)."""
+    moe = cfg.moe
+    return moe is not None and i >= _get(moe, "first_dense_layers", 0) and (i + 1) % moe.every_n_layers == 0
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -134,7 +142,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, _get(cfg, "n_kv_heads"))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         moe = cfg.moe
-        if moe is not None and (layer_idx + 1) % moe.every_n_layers == 0:
+        if is_moe_layer(cfg, layer_idx):
             self.ffn = MoE.from_config(cfg.d_model, cfg.ffn_dim, moe)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
@@ -244,6 +252,8 @@ def init_weights(model: Transformer, seed: int) -> None:
             for pname, p in mod.named_parameters(recurse=False):
                 experts_params[f"{mod_name}.{pname}"] = mod
     for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue  # nothing to fill (the launcher's meta-device model): the strategy initialises it
         if p.dim() == 1:
             p.fill_(1.0)
             continue
@@ -294,7 +304,7 @@ def count_params(model: Optional[nn.Module], cfg) -> Dict[str, int]:
         total += attn
         active += attn
         moe = cfg.moe
-        if moe is not None and (i + 1) % moe.every_n_layers == 0:
+        if is_moe_layer(cfg, i):
             h = moe.expert_ffn_dim or f
             expert = 3 * d * h
             fixed = d * moe.num_experts  # router
@@ -318,5 +328,5 @@ def count_expert_params(cfg) -> int:
     moe = cfg.moe
     if moe is None:
         return 0
-    layers = sum(1 for i in range(cfg.n_layers) if (i + 1) % moe.every_n_layers == 0)
+    layers = sum(1 for i in range(cfg.n_layers) if is_moe_layer(cfg, i))
     return layers * moe.num_experts * 3 * cfg.d_model * (moe.expert_ffn_dim or cfg.ffn_dim)
