@@ -115,6 +115,21 @@ def a2a_bytes_per_step(m, dims: ParallelDims, global_tokens: int, act_bytes: int
     return int(round(layers * 2 * rows * (2 * m.d_model + 2 * k) * act_bytes))
 
 
+def _zero1_owned(params: list, expert_ids: set, dims: ParallelDims) -> int:
+    """ZeRO-1 as strategies/zero.py partitions it (whole parameters, per reduction group): the most
+    elements any rank owns. Ranks are row-major over (dp, ep): global rank r is dp rank r // ep."""
+    from ..strategies.zero import partition
+
+    def shares(group, size):
+        return [sum(p.numel() for p in share) for share in partition(group, size)] if group else [0] * size
+
+    if dims.ep == 1:
+        return max(shares(params, dims.world_size))
+    dense = shares([p for p in params if id(p) not in expert_ids], dims.world_size)
+    experts = shares([p for p in params if id(p) in expert_ids], dims.dp)
+    return max(dense[r] + experts[r // dims.ep] for r in range(dims.world_size))
+
+
 def plan_run(cfg, dims: ParallelDims | None = None) -> dict:
     """The plan of a composed (validated) run config: a JSON-ready dict. Allocates nothing."""
     m, s, t, data = cfg.model, cfg.strategy, cfg.trainer, cfg.data
@@ -123,23 +138,30 @@ def plan_run(cfg, dims: ParallelDims | None = None) -> dict:
     with torch.device("meta"):
         model = Transformer(m, max_seq_len=data.seq_len)
     counts = count_params(model, m)
-    tensors = sum(1 for _ in model.parameters())
-    expert_tensors = sum(3 for _ in model.moe_layers())
-    del model
-
     total, experts = counts["params_total"], count_expert_params(m)
-    dense = total - experts
     world, ep, dp = dims.world_size, dims.ep, dims.dp
+    for moe in model.moe_layers():  # what ep rank 0 keeps (every ep rank holds as many)
+        moe.experts.keep_experts(0, moe.experts.num_experts // ep)
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    expert_ids = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters()}
+    held = sum(p.numel() for p in params_list)
+    tensors = len(params_list)
     stage = zero_stage(s)
     elem, act_elem = _precision_bytes(str(t.precision))
 
-    held_dense, held_experts = dense, experts // ep  # what a rank holds before ZeRO sharding
-    replica_dense, replica_experts = world, dp  # ranks holding the same piece (its reduction group)
-    sharded = (held_dense / replica_dense) + (held_experts / replica_experts)
-    params = sharded if stage >= 3 else held_dense + held_experts
-    grads = sharded if stage >= 2 else held_dense + held_experts
-    grad_flags = (tensors if world > 1 else 0) * elem  # grad_sync's per-tensor flags
-    optim_elems = _optimizer_slots(cfg.optimizer) * (sharded if stage >= 1 else held_dense + held_experts)
+    # ZeRO-3 / FSDP shards each parameter evenly over the ranks holding a replica of it: dense ones
+    # over all ranks, an expert shard over its dp group.
+    held_dense = sum(p.numel() for p in params_list if id(p) not in expert_ids)
+    sharded = held_dense / world + (held - held_dense) / dp
+    params = sharded if stage >= 3 else held
+    grads = sharded if stage >= 2 else held
+    grad_flags = (tensors if world > 1 else 0) * elem  # grad_sync's flat buffers carry one flag per tensor
+    if stage == 1:
+        optim_held = _zero1_owned(params_list, expert_ids, dims)
+    else:
+        optim_held = sharded if stage >= 2 else held
+    optim_elems = _optimizer_slots(cfg.optimizer) * optim_held
+    del model
 
     micro = data.batch_size // (world * t.accumulate_grad_batches)  # sequences per rank per micro-step
     acts = activation_elements(m, micro * data.seq_len)
@@ -157,6 +179,7 @@ def plan_run(cfg, dims: ParallelDims | None = None) -> dict:
         "params_active_per_token": counts["params_active_per_token"],
         "params_experts": experts,
         "params_per_rank": int(params),
+        "params_held_per_rank": held,
         "mesh": {"dp": dp, "ep": ep},
         "world_size": world,
         "ranks_per_node": t.devices,
@@ -168,7 +191,6 @@ def plan_run(cfg, dims: ParallelDims | None = None) -> dict:
         "activation_elements": acts,
         "a2a_bytes_per_step": a2a_bytes_per_step(m, dims, data.batch_size * data.seq_len, act_elem),
         "param_tensors": tensors,
-        "expert_param_tensors": expert_tensors,
     }
 
 
