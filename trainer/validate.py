@@ -42,9 +42,15 @@ def validate_model(m) -> None:
              f"attention splits the width evenly and rotary positions rotate pairs. Choose d_model a multiple of 2 * n_heads.")
     for key in ("n_layers", "n_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1. Set a positive value.")
+    n_kv = m.get("n_kv_heads") if hasattr(m, "get") else getattr(m, "n_kv_heads", None)
+    # Tensor parallelism will also need n_kv_heads divisible by the tp degree (wk, wv split by heads).
+    _require(n_kv is None or (n_kv >= 1 and m.n_heads % n_kv == 0),
+             f"model.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}: in grouped-query attention each key/value "
+             f"head serves n_heads / n_kv_heads query heads. Use a divisor of {m.n_heads}, or null for one per query head.")
     moe = m.moe
     if moe is None:
         return
+    validate_routing(moe)
     _require(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1. Set a positive count, or model.moe=null for a dense model.")
     _require(1 <= moe.top_k <= moe.num_experts,
              f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}: each token "
@@ -52,6 +58,9 @@ def validate_model(m) -> None:
     _require(1 <= moe.every_n_layers <= m.n_layers,
              f"model.moe.every_n_layers={moe.every_n_layers} must be between 1 and model.n_layers={m.n_layers}, "
              f"or no layer would be an MoE layer. Use 1 for every layer, 2 for every other one.")
+    _require(0 <= moe.first_dense_layers < m.n_layers,
+             f"model.moe.first_dense_layers={moe.first_dense_layers} must be between 0 and model.n_layers - 1 = "
+             f"{m.n_layers - 1}, or no layer would be an MoE layer. Use 0 for none, or model.moe=null for a dense model.")
     _require(moe.capacity_factor is None or moe.capacity_factor > 0,
              f"model.moe.capacity_factor={moe.capacity_factor} must be positive: it scales each expert's token budget. "
              f"Use e.g. 1.25, or null for dropless routing.")
@@ -59,6 +68,39 @@ def validate_model(m) -> None:
              f"model.moe.router_score={moe.router_score!r} is not a router score function. Use softmax or sigmoid.")
     for key in ("num_shared_experts", "load_balancing_loss_weight", "z_loss_weight"):
         _require(getattr(moe, key) >= 0, f"model.moe.{key}={getattr(moe, key)} must not be negative. Use 0 to turn it off.")
+
+
+def validate_routing(moe) -> None:
+    """The router and shared-expert options of model.moe (the designs beyond Mixtral's)."""
+    e = moe.num_experts
+    _require(moe.balance_bias_rate >= 0,
+             f"model.moe.balance_bias_rate={moe.balance_bias_rate} must not be negative: it is the step of the "
+             f"balancing bias (DeepSeek-V3 used 1e-3). Use 0 to turn aux-loss-free balancing off.")
+    _require(moe.route_scale > 0, f"model.moe.route_scale={moe.route_scale} must be positive: it multiplies the "
+                                  f"combine weights. Use 1.0 for none (DeepSeek-V3 used 2.5).")
+    _require(0 <= moe.router_jitter < 1,
+             f"model.moe.router_jitter={moe.router_jitter} must be in [0, 1): the router input is multiplied by "
+             f"noise in [1 - j, 1 + j]. Use e.g. 0.01, or 0 to turn it off.")
+    _require(moe.n_groups >= 1 and e % moe.n_groups == 0 and (moe.n_groups == 1 or e // moe.n_groups >= 2),
+             f"model.moe.n_groups={moe.n_groups} must divide model.moe.num_experts={e} into groups of at least 2 "
+             f"experts: a group is scored by its two best experts. Use a divisor of {e} up to {e // 2}, or 1 for no groups.")
+    _require(1 <= moe.topk_groups <= moe.n_groups,
+             f"model.moe.topk_groups={moe.topk_groups} must be between 1 and model.moe.n_groups={moe.n_groups}: "
+             f"it is how many groups a token may route into. Use at most {moe.n_groups}.")
+    if moe.n_groups > 1:
+        reachable = moe.topk_groups * (e // moe.n_groups)
+        _require(moe.top_k <= reachable,
+                 f"model.moe.top_k={moe.top_k} exceeds the {reachable} experts in model.moe.topk_groups={moe.topk_groups} "
+                 f"groups of {e // moe.n_groups}: a token picks its experts inside its chosen groups. Raise "
+                 f"model.moe.topk_groups, or lower model.moe.top_k.")
+    if moe.shared_expert_ffn_dim is not None or moe.shared_expert_gate:
+        key = "shared_expert_ffn_dim" if moe.shared_expert_ffn_dim is not None else "shared_expert_gate"
+        _require(moe.num_shared_experts >= 1,
+                 f"model.moe.{key}={getattr(moe, key)} configures the shared expert, but model.moe.num_shared_experts=0: "
+                 f"there is none. Set model.moe.num_shared_experts=1 (a shared_expert_ffn_dim sets its width).")
+    _require(moe.shared_expert_ffn_dim is None or moe.shared_expert_ffn_dim >= 1,
+             f"model.moe.shared_expert_ffn_dim={moe.shared_expert_ffn_dim} must be at least 1, or null for "
+             f"num_shared_experts * expert_ffn_dim.")
 
 
 def validate_optimizer(o, max_steps: int) -> None:
