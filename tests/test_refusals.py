@@ -113,3 +113,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert weights and all(np.isfinite(w.numpy()).all() for w in weights.values())
         s = summary(run_dir)
         assert s["status"] == "failed" and "does not fit" in s["error"]
+
+
+def test_a_step_that_cannot_fit_memory_exits_2_before_spawning(tmp_path):
+    # The case: the default model with a long data.seq_len grew until the kernel's OOM killer
+    # ended it. The memory plan (trainer/plan.py) refuses it before any tensor exists.
+    run_dir = tmp_path / "run"
+    done = train(["data.seq_len=1000000"], run_dir, timeout=120)
+    assert_refused(done, run_dir, r"the plan needs [\d.]+ GiB for 1 ranks on this node.*activations.*host RAM.*"
+                                  r"Lower data\.batch_size or data\.seq_len")
