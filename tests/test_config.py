@@ -69,6 +69,8 @@ def test_every_recipe_composes_and_instantiates(recipe):
     validate(cfg)
     model = build_model(cfg.model, cfg.seed, device="meta")
     assert sum(p.numel() for p in model.parameters()) > 0
+    if sum(p.numel() for p in model.parameters()) > 10**9:
+        return  # a real-size architecture (mixtral_8x7b, ...): planned on the meta device only (tests/test_plan.py)
     optimizer = build_optimizer(cfg.optimizer, build_model(cfg.model, 0).named_parameters())
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
     strategy = instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh))

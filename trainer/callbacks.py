@@ -37,6 +37,7 @@ class RunDirectory(L.Callback):
         self._logged: tuple[int, set] = (-1, set())  # the step and keys of the last greppable log line
         self._reopenable: int | None = None  # step of the last row, if flush() wrote it early
         self._last_row_offset = 0  # metrics.csv's size before the last row
+        self.stopped_by: dict | None = None  # set by trainer/stop_signals.py when a signal ended the run early
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -157,8 +158,9 @@ class RunDirectory(L.Callback):
         peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
         if trainer.is_global_zero:
             self._flush()
-            self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
-                               optimizer_state_bytes=int(peaks[2]))
+            self.write_summary(trainer, pl_module, "interrupted" if self.stopped_by else "completed",
+                               peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
+                               optimizer_state_bytes=int(peaks[2]), extra=self.stopped_by)
 
     def on_exception(self, trainer, pl_module, exception):
         # No collectives here: other ranks may be gone.
@@ -167,7 +169,7 @@ class RunDirectory(L.Callback):
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
-                      error=None):
+                      error=None, extra=None):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         steps = trainer.global_step
@@ -194,6 +196,7 @@ class RunDirectory(L.Callback):
             summary["resumed_from_step"] = self._start_step
         if error:
             summary["error"] = error
+        summary.update(extra or {})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots = self.run_dir / "plots"
         if self.rows:

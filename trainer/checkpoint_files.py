@@ -12,6 +12,7 @@ written: a bad `resume=` (missing, partial, corrupt, another model) is a ConfigE
 leaves the run directory as it was.
 """
 
+import errno
 import logging
 import os
 import re
@@ -123,6 +124,37 @@ def _changed_keys(saved, current, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}={saved} (this run: {current})"]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full); the message names the directory and the bytes."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(error: BaseException) -> bool:
+    """True if `error`, its causes, or any rank's failure inside DCP's CheckpointException ran out of space."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE or "No space left on device" in str(e):
+            return True
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def _tree_bytes(path: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    except OSError:  # gone (rank 0 removed it) or unreadable
+        return 0
+
+
 class Checkpointer(L.Callback):
     """Save every `every_n_steps` optimizer steps and at the last step; keep the newest `keep_last`."""
 
@@ -131,6 +163,11 @@ class Checkpointer(L.Callback):
         self.every, self.keep_last = every_n_steps, keep_last
         self.config = OmegaConf.to_container(config, resolve=True) if config is not None else None
         self.run_directory = run_directory  # flushed before a save, so metrics cover the checkpoint's steps
+        self.last_saved: int | None = None  # the step of the newest checkpoint this run published
+
+    @property
+    def last_saved_name(self) -> str:
+        return checkpoint_name(self.last_saved) if self.last_saved is not None else "(none)"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -161,15 +198,37 @@ class Checkpointer(L.Callback):
             if self.run_directory is not None:
                 self.run_directory.flush()
         strategy.barrier("checkpoint-prepare")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank writes its shards; ends in a barrier
+        try:
+            # Every rank writes its shards; DCP gathers any rank's write error and raises it on every rank.
+            trainer.save_checkpoint(tmp, weights_only=False)  # ends in a barrier
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if not disk_full(e):
+                raise
+            raise self._disk_full_error(trainer, step, tmp) from None
         faults.inject("save", step=step, rank=trainer.global_rank)
         if trainer.is_global_zero:
             self._publish(tmp, final)
             self._prune()
         strategy.barrier("checkpoint-publish")
+        self.last_saved = step
         if self.run_directory is not None:
             self.run_directory.pause(time.perf_counter() - started)
         return final
+
+    def _disk_full_error(self, trainer, step: int, tmp: Path) -> "CheckpointWriteError":
+        """Drop the partial checkpoint (never published), then say where, how much, and what still holds."""
+        written = _tree_bytes(tmp)
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = complete_checkpoints(self.root)
+        needed = _tree_bytes(found[-1]) if found else written
+        free = shutil.disk_usage(self.root).free
+        kept = (f"The previous checkpoint {found[-1]} is intact: resume=auto continues from it."
+                if found else "No earlier checkpoint of this run exists.")
+        return CheckpointWriteError(
+            f"the checkpoint of step {step} does not fit in {self.root}: the disk is full (about {needed:,} bytes "
+            f"needed for one checkpoint, {free:,} bytes free after removing the partial one; nothing partial was "
+            f"published). {kept} Free space there, or move the run to a larger disk (hydra.run.dir).")
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> None:

@@ -23,11 +23,13 @@ from .models.transformer import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
+from . import balance, plan as planning
 from .checkpoint_files import Checkpointer, resolve_resume
 from . import faults
+from .stop_signals import StopSignals
 from .launch import slurm, sweep
 from .schema import register_configs
-from .validate import validate, validate_devices
+from .validate import check_run_paths, validate, validate_devices
 
 log = logging.getLogger("paratrain")
 register_configs()
@@ -44,14 +46,31 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def run(cfg: DictConfig) -> RunDirectory:
-    """Train one run described by a composed config; returns its run-directory writer. Raises ConfigError."""
+def _validated(cfg: DictConfig):
     try:
-        dims = validate(cfg)
+        return validate(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is missing (???): this config option needs a value. Set it, e.g. {e.full_key}=...") from None
+
+
+def dry_run(cfg: DictConfig) -> None:
+    """dry_run=true: compose, validate, plan on the meta device, print and write plan.json; spawn nothing."""
+    plan = planning.check_fits(planning.plan_run(cfg, _validated(cfg)), cfg.trainer.accelerator)
+    path = planning.write_plan(plan, HydraConfig.get().runtime.output_dir)
+    print(f"{planning.describe(plan)}\nplan written to {path}")
+
+
+def run(cfg: DictConfig) -> RunDirectory:
+    """Train one run described by a composed config; returns its run-directory writer. Raises ConfigError."""
+    dims = _validated(cfg)
     validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
+    # The plan, before any process or tensor exists: a run that cannot fit stops here (exit 2).
+    plan = planning.check_fits(planning.plan_run(cfg, dims), cfg.trainer.accelerator)
+    if planning.refusal(plan):
+        raise ConfigError(planning.refusal(plan))
     run_dir = HydraConfig.get().runtime.output_dir
+    check_run_paths(cfg, run_dir, plan["params_total"])
+    stop = StopSignals().install()  # from here SIGTERM/SIGINT end the run after a step, with its checkpoint
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
@@ -69,6 +88,8 @@ def run(cfg: DictConfig) -> RunDirectory:
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
     log.info("run directory: %s", run_dir)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))) == 0:
+        planning.write_plan(plan, run_dir)
 
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
@@ -77,10 +98,13 @@ def run(cfg: DictConfig) -> RunDirectory:
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
-        enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t),
-                                                 *([StepProgressBar()] if t.enable_progress_bar else [])],
+        enable_checkpointing=False, callbacks=[run_directory, *balance.callbacks(cfg.model), checkpointer, stop,
+                                                 *faults.callbacks(t), *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
+    stop.attach(trainer, checkpointer, run_directory)
+    stop.exit_if_signalled()
     trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    stop.finish()  # exits 128 + N if a signal stopped the run
     return run_directory
 
 
@@ -88,7 +112,9 @@ def run(cfg: DictConfig) -> RunDirectory:
 def hydra_main(cfg: DictConfig) -> None:
     sys.stderr.write(release_stderr())  # composed: from here on, errors are ours to report
     try:
-        if slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
+        if cfg.get("dry_run"):  # before any launcher: a plan spawns, submits and allocates nothing
+            dry_run(cfg)
+        elif slurm.in_slurm_job():  # one task (rank) of a submitted job: train here, resume after a requeue
             slurm.run_in_job(cfg, run)
         elif cfg.cluster.name == "slurm":  # not in the job yet: submit one, follow it
             status = slurm.submit(cfg, "paratrain.trainer.cli:hydra_main")  # by name: see SubmittedRun

@@ -107,6 +107,12 @@ def token_files(cfg) -> tuple[Path, Path]:
                 f"uint16 tokens. Give the path of such a file, or use data.source=text for raw text."
             )
         stat = path.stat()  # a rewritten file gets a new cache
+        width = np.dtype(TOKEN_DTYPE).itemsize
+        if stat.st_size == 0 or stat.st_size % width:
+            raise ConfigError(
+                f"data.path={cfg.path!r} is {f'{stat.st_size} bytes, not a whole number of {width}-byte tokens' if stat.st_size else 'empty'}: data.source="
+                f"tokens reads a flat file of {np.dtype(TOKEN_DTYPE).name} token ids. Write the ids as uint16 (numpy: "
+                f"ids.astype(np.uint16).tofile(path)), or check that the file was not truncated.")
         key = hashlib.sha1(repr((str(path.resolve()), stat.st_size, stat.st_mtime_ns, cfg.val_fraction)).encode())
         split = cache_root(cfg.cache_dir) / f"tokens-{key.hexdigest()[:16]}"
         if cached := _cached_split(split):

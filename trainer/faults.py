@@ -8,11 +8,14 @@ PARATRAIN_FAULT (tests only; comma-separated) makes a run fail on purpose:
     kill@N[:R]          rank R (default 0) SIGKILLs itself when it starts step N+1
     nan@N[:R]           the loss of step N is NaN on rank R (default 0)
     kill_in_save@N[:R]  rank R SIGKILLs itself while checkpoint N is written, before it is published
+    stall_in_stop@N[:R] rank R sleeps 120 s after a stop signal ended step N, before its checkpoint
+N may be * (any step).
 """
 
 import logging
 import os
 import signal
+import time
 
 import lightning as L
 import torch
@@ -90,12 +93,12 @@ def _parse(spec: str) -> list[tuple[str, int, int]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, where = item.partition("@")
         step, _, rank = where.partition(":")
-        faults.append((kind, int(step), int(rank or 0)))
+        faults.append((kind, -1 if step == "*" else int(step), int(rank or 0)))
     return faults
 
 
 def _planned(kind: str, step: int, rank: int) -> bool:
-    return (kind, step, rank) in _parse(os.environ.get(ENV, ""))
+    return any(k == kind and s in (step, -1) and r == rank for k, s, r in _parse(os.environ.get(ENV, "")))
 
 
 def _kill_self(what: str) -> None:
@@ -109,6 +112,9 @@ def inject(point: str, step: int, rank: int) -> None:
     """Called where a fault may be planned (e.g. point="save"): dies if the environment says so."""
     if _planned(f"kill_in_{point}", step, rank):
         _kill_self(f"rank {rank} killed during {point} of step {step}")
+    if _planned(f"stall_in_{point}", step, rank):
+        log.warning("%s: rank %d stalls 120 s in %s of step %d", ENV, rank, point, step)
+        time.sleep(120)
 
 
 class FaultInjection(L.Callback):

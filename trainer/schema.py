@@ -19,6 +19,8 @@ class MoEConfig:
     """Experts each token is sent to."""
     every_n_layers: int = 1
     """Layer i has an MoE FFN when (i + 1) % every_n_layers == 0; the others stay dense."""
+    first_dense_layers: int = 0
+    """Layers [0, first_dense_layers) keep the dense FFN (DeepSeek-V3's first_k_dense_replace: 3)."""
     expert_ffn_dim: Optional[int] = None
     """Hidden width of one expert's SwiGLU FFN; null = model.ffn_dim."""
     capacity_factor: Optional[float] = None
@@ -34,6 +36,22 @@ class MoEConfig:
     """How router logits become scores: softmax | sigmoid."""
     renormalize: bool = True
     """Renormalise the top_k weights of each token to sum to 1."""
+    # --- routing designs beyond Mixtral's (each off by default: today's math unchanged) -----------
+    balance_bias_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer step every expert's choice bias
+    moves by this * sign(mean load - its load), from the whole global batch's counts; 0 = off."""
+    route_scale: float = 1.0
+    """Constant multiplier on the combine weights (DeepSeek-V3's routed_scaling_factor)."""
+    n_groups: int = 1
+    """Group-limited routing: experts form n_groups equal groups; 1 = off."""
+    topk_groups: int = 1
+    """With n_groups > 1: groups each token may choose its experts from (best by their top-2 scores)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(Linear(d_model, 1)) (Qwen2-MoE)."""
+    shared_expert_ffn_dim: Optional[int] = None
+    """Hidden width of the (fused) shared expert; null = num_shared_experts * expert_ffn_dim."""
+    router_jitter: float = 0.0
+    """Training only: multiply the router's input by noise ~ U[1 - j, 1 + j] (Mixtral); 0 = off."""
 
 
 @dataclass
@@ -56,6 +74,11 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
     moe: Optional[MoEConfig] = None
     """null = dense model; set to make FFNs Mixture-of-Experts layers."""
+    # --- attention and embedding designs (off by default) -----------------------------------------
+    n_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention); null = n_heads. Must divide n_heads."""
+    tie_embeddings: bool = False
+    """The output head shares the input embedding's weights."""
 
 
 @dataclass
@@ -205,6 +228,9 @@ class RunConfig:
     """null = fresh run; auto = newest complete checkpoint in the run directory; or a path."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into the run directory (e.g. a sweep label)."""
+    dry_run: bool = False
+    """Compose, validate and plan (plan.json: parameters, per-rank bytes, all-to-all), then stop: nothing is
+    spawned or allocated."""
 
 
 def register_configs() -> None:

@@ -62,6 +62,9 @@ def run_sweep_job() -> dict:
     summary = read_summary(run_dir)
     if child.returncode == 0 and summary and summary.get("status") == "completed":
         return summary
+    if child.returncode > 128 and summary and summary.get("status") == "interrupted":  # README: exit status
+        log.warning("%sinterrupted (exit %d): %s", prefix, child.returncode, summary.get("error"))
+        return summary
     summary = mark_failed(run_dir, error_from_output(list(tail), child.returncode), child.returncode)
     log.error("%sfailed (exit %d): %s", prefix, child.returncode, summary["error"])
     return summary
@@ -160,10 +163,11 @@ def markdown(sweep_dir: Path, jobs: list[dict], rows: list[dict]) -> str:
     keys = set(swept_keys(jobs))
     common = [o for o in jobs[0]["overrides"] if o.partition("=")[0] not in keys]
     done = sum(r["status"] == "completed" for r in rows)
+    failed = sum(r["status"] not in ("completed", "interrupted") for r in rows)
     heads = ["job", "overrides", "status", "final train loss", "final val loss", "tokens/s", "params total",
              "params active/token", "peak RSS (MB)", "steps", "wall (s)", "error"]
     lines = [f"# Sweep summary: {sweep_dir}", "",
-             f"{len(rows)} jobs: {done} completed, {len(rows) - done} failed.",
+             f"{len(rows)} jobs: {done} completed, {failed} failed, {len(rows) - done - failed} interrupted.",
              f"Common overrides: `{' '.join(common)}`" if common else "", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |" for r in rows]

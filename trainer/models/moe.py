@@ -32,6 +32,7 @@ __all__ = [
     "expert_capacity",
     "load_balancing_loss",
     "router_z_loss",
+    "update_expert_bias",
     "grouped_mm_supported",
 ]
 
@@ -264,10 +265,26 @@ class LocalTokenDispatcher(TokenDispatcher):
 
 
 class Router(nn.Module):
-    """Linear(d, E) logits -> softmax or sigmoid scores -> top_k experts and their weights."""
+    """Linear(d, E) logits -> softmax or sigmoid scores -> top_k experts and their weights.
+
+    Options beyond Mixtral's router (each off by default):
+    - `expert_bias` (balance_bias=True): a per-expert bias added to the scores only to CHOOSE
+      experts (DeepSeek-V3's auxiliary-loss-free balancing); the weights stay the unbiased scores.
+      A persistent fp32 buffer, not a parameter: `update_expert_bias` moves it after each
+      optimizer step from the global expert counts, so it is checkpointed but never trained.
+    - group-limited routing (n_groups > 1): experts form n_groups equal groups; a group scores the
+      sum of its best two (biased) scores; each token keeps its topk_groups best groups and picks
+      its top_k experts inside them.
+    - route_scale: a constant multiplier on the combine weights (after renormalisation).
+    - jitter (training only): the router input is multiplied by noise ~ U[1 - j, 1 + j]
+      (Mixtral's router_jitter_noise; here only the router sees it, the experts get clean x).
+      The noise comes from each rank's torch generator, so a run with jitter is not bitwise equal
+      across layouts (the same in distribution).
+    """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, score: str = "softmax",
-                 renormalize: bool = True):
+                 renormalize: bool = True, route_scale: float = 1.0, n_groups: int = 1,
+                 topk_groups: int = 1, balance_bias: bool = False, jitter: float = 0.0):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ConfigError(
@@ -283,10 +300,32 @@ class Router(nn.Module):
         self.top_k = top_k
         self.score = score
         self.renormalize = renormalize
+        self.route_scale = route_scale
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.jitter = jitter
+        if balance_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        else:
+            self.expert_bias = None
+
+    def _choose(self, scores: Tensor) -> Tensor:
+        """scores (N, E) fp32 -> expert_idx (N, k), best (biased) choice first. No gradient."""
+        with torch.no_grad():
+            choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+            if self.n_groups > 1:
+                n, e, g = choice.shape[0], self.num_experts, self.n_groups
+                grouped = choice.view(n, g, e // g)
+                group_score = grouped.topk(min(2, e // g), dim=-1).values.sum(-1)  # (N, G)
+                best = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+                allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+                choice = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(n, e)
+            return torch.topk(choice, self.top_k, dim=-1).indices
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """x: (N, d). Returns logits (N, E), probs (N, E) fp32 (sum to 1, for the balancing loss),
         weights (N, k) fp32 and expert_idx (N, k) int64, best expert first."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.gate(x)
         # Scores in fp32: the top_k choice and the weights must not depend on bf16 rounding.
         if self.score == "softmax":
@@ -298,10 +337,28 @@ class Router(nn.Module):
         else:
             scores = torch.sigmoid(logits.float())
             probs = scores / scores.sum(-1, keepdim=True)
-        weights, expert_idx = torch.topk(scores, self.top_k, dim=-1)
+        if self.expert_bias is None and self.n_groups == 1:
+            weights, expert_idx = torch.topk(scores, self.top_k, dim=-1)
+        else:
+            expert_idx = self._choose(scores)
+            weights = scores.gather(1, expert_idx)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
         return logits, probs, weights, expert_idx
+
+
+@torch.no_grad()
+def update_expert_bias(bias: Tensor, load: Tensor, rate: float) -> None:
+    """DeepSeek-V3's bias step, in place: bias += rate * sign(mean(load) - load).
+
+    load: (E,) tokens routed to each expert over the WHOLE global batch of one optimizer step
+    (every rank, every micro-batch), so every rank computes the same update. sign() ignores a
+    uniform scale of the counts, so counting a token once per tensor-parallel rank changes nothing.
+    """
+    load = load.to(device=bias.device, dtype=torch.float32)
+    bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
 
 
 def expert_capacity(capacity_factor: float, seq_len: int, top_k: int, num_experts: int) -> int:
@@ -366,32 +423,44 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Drop-in FFN replacement: y = sum_k w_k * expert_k(x) [+ shared(x)].
+    """Drop-in FFN replacement: y = sum_k w_k * expert_k(x) [+ gate(x) * shared(x)].
 
     After each forward: `aux_losses` = {"load_balancing", "z_loss"} (unweighted, differentiable)
     and `stats` = {"tokens_per_expert": (E,) kept assignments of this rank's tokens,
-    "dropped_fraction": scalar} (detached).
+    "dropped_fraction": scalar} (detached). In training, `routed_load` (E,) also sums this rank's
+    routed assignments (before capacity drops) since the last `update_expert_bias` reset it.
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, expert_ffn_dim: int,
                  capacity_factor: Optional[float] = None, num_shared_experts: int = 0,
-                 router_score: str = "softmax", renormalize: bool = True):
+                 router_score: str = "softmax", renormalize: bool = True, route_scale: float = 1.0,
+                 n_groups: int = 1, topk_groups: int = 1, balance_bias_rate: float = 0.0,
+                 router_jitter: float = 0.0, shared_expert_ffn_dim: Optional[int] = None,
+                 shared_expert_gate: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.router = Router(d_model, num_experts, top_k, router_score, renormalize)
+        self.balance_bias_rate = balance_bias_rate
+        self.router = Router(d_model, num_experts, top_k, router_score, renormalize, route_scale,
+                             n_groups, topk_groups, balance_bias_rate > 0, router_jitter)
         self.experts = GroupedExperts(num_experts, d_model, expert_ffn_dim)
-        # Shared experts: one SwiGLU of width num_shared_experts * expert_ffn_dim, every token.
-        self.shared = (SwiGLU(d_model, num_shared_experts * expert_ffn_dim)
-                       if num_shared_experts > 0 else None)
+        # Shared experts: one SwiGLU every token passes through, of width shared_expert_ffn_dim
+        # (default num_shared_experts * expert_ffn_dim: the shared experts fused into one).
+        shared_dim = shared_expert_ffn_dim or num_shared_experts * expert_ffn_dim
+        self.shared = SwiGLU(d_model, shared_dim) if num_shared_experts > 0 else None
+        # Qwen2-MoE: the shared output is scaled per token by sigmoid(Linear(d, 1)(x)).
+        self.shared_gate = (nn.Linear(d_model, 1, bias=False)
+                            if self.shared is not None and shared_expert_gate else None)
         self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
         self.aux_losses: Dict[str, Tensor] = {}
         self.stats: Dict[str, Tensor] = {}
+        self.routed_load: Optional[Tensor] = None
 
     @classmethod
     def from_config(cls, d_model: int, ffn_dim: int, moe) -> "MoE":
         """moe: MoEConfig or its DictConfig; expert_ffn_dim null = the dense ffn_dim."""
+        get = moe.get if hasattr(moe, "get") else lambda k, d=None: getattr(moe, k, d)
         return cls(
             d_model=d_model,
             num_experts=moe.num_experts,
@@ -401,7 +470,20 @@ class MoE(nn.Module):
             num_shared_experts=moe.num_shared_experts,
             router_score=moe.router_score,
             renormalize=moe.renormalize,
+            route_scale=get("route_scale", 1.0),
+            n_groups=get("n_groups", 1),
+            topk_groups=get("topk_groups", 1),
+            balance_bias_rate=get("balance_bias_rate", 0.0),
+            router_jitter=get("router_jitter", 0.0),
+            shared_expert_ffn_dim=get("shared_expert_ffn_dim", None),
+            shared_expert_gate=get("shared_expert_gate", False),
         )
+
+    def update_expert_bias(self, global_load: Tensor) -> None:
+        """After an optimizer step: move the bias from the global routed load, reset the count."""
+        if self.router.expert_bias is not None:
+            update_expert_bias(self.router.expert_bias, global_load, self.balance_bias_rate)
+        self.routed_load = None
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -416,7 +498,10 @@ class MoE(nn.Module):
 
         y = self.dispatcher(xf, expert_idx, weights.to(x.dtype), keep, self.experts)
         if self.shared is not None:
-            y = y + self.shared(xf)
+            shared = self.shared(xf)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(xf)) * shared
+            y = y + shared
 
         self.aux_losses = {
             "load_balancing": load_balancing_loss(probs.view(b, t, e), expert_idx.view(b, t, k), e),
@@ -430,4 +515,8 @@ class MoE(nn.Module):
                 "tokens_per_expert": tokens_per_expert,
                 "dropped_fraction": 1.0 - tokens_per_expert.sum() / total,
             }
+            if self.training and self.router.expert_bias is not None:
+                # What the bias steers is the choice, so count choices, before capacity drops.
+                routed = torch.bincount(expert_idx.reshape(-1), minlength=e).float()
+                self.routed_load = routed if self.routed_load is None else self.routed_load + routed
         return y.view(b, t, d)

@@ -1,7 +1,8 @@
 """Decoder-only transformer, dense or Mixture-of-Experts, as a plain nn.Module.
 
 Pre-norm blocks (RMSNorm), rotary attention through `F.scaled_dot_product_attention`, SwiGLU FFNs;
-layer i has an MoE FFN when cfg.moe is set and (i + 1) % cfg.moe.every_n_layers == 0.
+layer i has an MoE FFN when cfg.moe is set, i >= cfg.moe.first_dense_layers and
+(i + 1) % cfg.moe.every_n_layers == 0 (`is_moe_layer`).
 
 Nothing here knows about distribution. A strategy builds the model on the meta device, lays it
 out (e.g. `GroupedExperts.keep_experts` to shard experts, a new `MoE.dispatcher`), then calls
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .moe import GroupedExperts, MoE, SwiGLU  # SwiGLU is the dense FFN too
+from .moe import GroupedExperts, MoE, Router, SwiGLU  # SwiGLU is the dense FFN too
 
 __all__ = [
     "RMSNorm",
@@ -34,6 +35,8 @@ __all__ = [
     "build_model",
     "materialize",
     "count_params",
+    "count_expert_params",
+    "is_moe_layer",
 ]
 
 
@@ -94,33 +97,52 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    """Causal self-attention; n_kv_heads < n_heads is grouped-query attention (GQA): query head h
+    reads key/value head h // (n_heads / n_kv_heads), as in Llama 3 (wk, wv are n_kv_heads wide)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None):
         super().__init__()
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = d_model // n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
         self.wq = nn.Linear(d_model, d_model, bias=False)
-        self.wk = nn.Linear(d_model, d_model, bias=False)
-        self.wv = nn.Linear(d_model, d_model, bias=False)
+        self.wk = nn.Linear(d_model, kv_dim, bias=False)
+        self.wv = nn.Linear(d_model, kv_dim, bias=False)
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, rope: Tuple[Tensor, Tensor]) -> Tensor:
         b, t, d = x.shape
-        nh = self.n_heads
-        q = self.wq(x).view(b, t, nh, d // nh).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(b, t, nh, d // nh).transpose(1, 2)
-        v = self.wv(x).view(b, t, nh, d // nh).transpose(1, 2)
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(b, t, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(b, t, nkv, hs).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        # enable_gqa: SDPA reads each kv head for its n_heads / n_kv_heads query heads without
+        # materialising the repeated keys and values.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _get(cfg, key: str, default=None):
+    # New keys read with a default, so configs written before they existed still build.
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def is_moe_layer(cfg, i: int) -> bool:
+    """Whether block i has an MoE FFN (the others keep the dense SwiGLU of width ffn_dim)."""
+    moe = cfg.moe
+    return moe is not None and i >= _get(moe, "first_dense_layers", 0) and (i + 1) % moe.every_n_layers == 0
 
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, _get(cfg, "n_kv_heads"))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         moe = cfg.moe
-        if moe is not None and (layer_idx + 1) % moe.every_n_layers == 0:
+        if is_moe_layer(cfg, layer_idx):
             self.ffn = MoE.from_config(cfg.d_model, cfg.ffn_dim, moe)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
@@ -146,9 +168,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_embeddings = bool(_get(cfg, "tie_embeddings", False))
+        self.tie_weights()
         moe = cfg.moe
         self.lb_weight = moe.load_balancing_loss_weight if moe is not None else 0.0
         self.z_weight = moe.z_loss_weight if moe is not None else 0.0
+
+    def tie_weights(self) -> None:
+        """tie_embeddings: the output head IS the input embedding (one parameter, (V, d)).
+
+        Called again after `to_empty`, which gives each module its own new parameter."""
+        if self.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: (B, T) int64 -> logits (B, T, V)."""
@@ -221,6 +252,8 @@ def init_weights(model: Transformer, seed: int) -> None:
             for pname, p in mod.named_parameters(recurse=False):
                 experts_params[f"{mod_name}.{pname}"] = mod
     for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue  # nothing to fill (the launcher's meta-device model): the strategy initialises it
         if p.dim() == 1:
             p.fill_(1.0)
             continue
@@ -235,11 +268,14 @@ def init_weights(model: Transformer, seed: int) -> None:
     for mod in model.modules():
         if isinstance(mod, Rotary):
             mod.reset_buffers()
+        if isinstance(mod, Router) and mod.expert_bias is not None:
+            mod.expert_bias.zero_()  # aux-loss-free balancing starts unbiased
 
 
 def materialize(model: Transformer, seed: int, device="cpu") -> Transformer:
     """Allocate a meta-device (possibly sharded) model on `device` and initialise it."""
     model.to_empty(device=device)
+    model.tie_weights()
     init_weights(model, seed)
     return model
 
@@ -255,20 +291,26 @@ def count_params(model: Optional[nn.Module], cfg) -> Dict[str, int]:
     """Parameters of the whole model, from the config (right on a sharded model too).
 
     params_active_per_token counts each MoE layer's routed experts as top_k of num_experts
-    (router and shared experts fully). When `model` holds every expert, its size is checked.
+    (router and shared experts fully). Buffers (the balancing bias) are not parameters.
+    When `model` holds every expert, its size is checked.
     """
     d, v, f = cfg.d_model, cfg.vocab_size, cfg.ffn_dim
-    embed = 2 * v * d + d  # embedding, output head, final norm
-    attn = 4 * d * d + 2 * d  # q, k, v, o and the two block norms
+    tied = bool(_get(cfg, "tie_embeddings", False))
+    embed = (1 if tied else 2) * v * d + d  # embedding, output head (unless tied), final norm
+    kv_dim = (_get(cfg, "n_kv_heads") or cfg.n_heads) * (d // cfg.n_heads)
+    attn = 2 * d * d + 2 * d * kv_dim + 2 * d  # q, o; k, v; the two block norms
     total = active = embed
     for i in range(cfg.n_layers):
         total += attn
         active += attn
         moe = cfg.moe
-        if moe is not None and (i + 1) % moe.every_n_layers == 0:
+        if is_moe_layer(cfg, i):
             h = moe.expert_ffn_dim or f
             expert = 3 * d * h
-            fixed = d * moe.num_experts + moe.num_shared_experts * expert  # router + shared
+            fixed = d * moe.num_experts  # router
+            if moe.num_shared_experts > 0:
+                fixed += 3 * d * (_get(moe, "shared_expert_ffn_dim") or moe.num_shared_experts * h)
+                fixed += d if _get(moe, "shared_expert_gate", False) else 0
             total += fixed + moe.num_experts * expert
             active += fixed + moe.top_k * expert
         else:
@@ -279,3 +321,12 @@ def count_params(model: Optional[nn.Module], cfg) -> Dict[str, int]:
         local = sum(p.numel() for p in model.parameters())
         assert local == total, f"count_params: config says {total}, model holds {local}"
     return {"params_total": total, "params_active_per_token": active}
+
+
+def count_expert_params(cfg) -> int:
+    """Parameters of the routed experts (all layers): the part an expert-parallel layout splits."""
+    moe = cfg.moe
+    if moe is None:
+        return 0
+    layers = sum(1 for i in range(cfg.n_layers) if is_moe_layer(cfg, i))
+    return layers * moe.num_experts * 3 * cfg.d_model * (moe.expert_ffn_dim or cfg.ffn_dim)
