@@ -176,6 +176,12 @@ def _rope_theta(config: dict) -> tuple[float, str | None]:
     return float(theta), (kind if kind not in (None, "default") else None)
 
 
+# paratrain model key -> the config.json key it comes from (for messages)
+HF_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "init_std": "initializer_range",
+           "moe.num_experts": "num_local_experts", "moe.top_k": "num_experts_per_tok", "moe.expert_ffn_dim": "intermediate_size"}
+
+
 def model_config_from_hf(config: dict, given: str) -> dict:
     """The paratrain model keys a HF config fixes (nested dict, moe None for Llama). Raises ConfigError for an
     option paratrain's Transformer cannot reproduce."""
@@ -367,8 +373,9 @@ def fill_model_config(cfg, explicit: dict | None = None) -> None:
     for key, value in flat(hf):
         if key in explicit and OmegaConf.select(cfg, key) != value and key != "model.moe.capacity_factor":
             # (a capacity limit is a training choice on top of the checkpoint's dropless routing, not its shape)
+            theirs = HF_KEYS.get(key[len("model."):], key.split(".")[-1])
             raise ConfigError(f"{key}={explicit[key]} conflicts with model.init_from={given!r}, whose config.json gives "
-                              f"{key.split('.')[-1]}={value}: the checkpoint's weights fix the architecture. Drop the "
+                              f"{theirs}={value}: the checkpoint's weights fix the architecture. Drop the "
                               f"{key} override (init_from fills it), or start from another checkpoint.")
     if hf["moe"] is None and "model.moe" in explicit and explicit["model.moe"] not in ("null", "None", ""):
         raise ConfigError(f"model.moe={explicit['model.moe']} conflicts with model.init_from={given!r}: it holds a dense "
