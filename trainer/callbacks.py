@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..strategies.zero import optimizer_state_bytes
+from .loggers import finish as finish_loggers
 from .plots import plot_expert_load, plot_loss_curve
 
 log = logging.getLogger("paratrain")
@@ -189,8 +190,7 @@ class RunDirectory(L.Callback):
             self._finalize_loggers("failed")
 
     def _finalize_loggers(self, status: str) -> None:
-        for logger in self.loggers:
-            logger.finalize(status)
+        finish_loggers(self.loggers, status)
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
                       error=None):

@@ -62,9 +62,14 @@ def _sweep_name(sweep: Path) -> str:
 def _run_name(run_dir: Path, sweep: Path | None) -> str:
     if sweep is None:
         return run_dir.name
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    label = " ".join(str(o) for o in OmegaConf.load(overrides)) if overrides.is_file() else ""
-    return f"job{run_dir.name} {label}".strip()
+    # The job's overrides of the keys the sweep varies (sweep syntax in the sweep's multirun.yaml).
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, sweep_file = run_dir / ".hydra" / "overrides.yaml", sweep / "multirun.yaml"
+    mine = [str(o) for o in OmegaConf.load(overrides)] if overrides.is_file() else []
+    given = [str(o) for o in OmegaConf.select(OmegaConf.load(sweep_file), "hydra.overrides.task") or []] if sweep_file.is_file() else []
+    swept = {o.get_key_element() for o in OverridesParser.create().parse_overrides(given) if o.is_sweep_override()}
+    return " ".join([f"job{run_dir.name}", *(o for o in mine if o.partition("=")[0] in swept)])
 
 
 def _wandb_mode(configured) -> str:
@@ -109,6 +114,15 @@ def build_loggers(logger_cfg, run_dir) -> list:
             experiment = c.experiment_name or (_sweep_name(sweep) if sweep else "paratrain")
             out.append(MLFlowLogger(experiment_name=experiment, run_name=c.run_name or name, tracking_uri=c.tracking_uri))
     return out
+
+
+def finish(loggers: list, status: str) -> None:
+    """End every logger's run: status "success" or "failed" (MLflow records it; TensorBoard flushes)."""
+    for logger in loggers:
+        logger.finalize(status)
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            # Lightning leaves a W&B run open until interpreter exit, which a run ending in os._exit skips.
+            logger._experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def hyperparameters(cfg) -> dict:
