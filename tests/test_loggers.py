@@ -21,13 +21,31 @@ wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 pytest.importorskip("mlflow")
 
 BLOCKER = '''
+# Makes packages look uninstalled: no module to import, no distribution metadata (what availability checks read).
+import importlib.metadata as md
+import os
 import sys
-BLOCKED = set(__import__("os").environ["PARATRAIN_TEST_BLOCK"].split(","))
+
+BLOCKED = set(os.environ["PARATRAIN_TEST_BLOCK"].split(","))
+
+
 class _Missing:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 sys.meta_path.insert(0, _Missing())
+_discover = md.Distribution.discover.__func__
+
+
+def _visible(cls, **kwargs):
+    for dist in _discover(cls, **kwargs):
+        if (dist.metadata["Name"] or "").lower().replace("-", "_").split("_skinny")[0] not in BLOCKED:
+            yield dist
+
+
+md.Distribution.discover = classmethod(_visible)
 '''
 
 
@@ -131,9 +149,27 @@ def test_core_train_needs_no_optional_package_and_a_missing_logger_exits_2(tmp_p
     done = train([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"], tmp_path / "core", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "core" / "summary.json").exists()
-    for logger, extra in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")):
-        done = train([*TINY, f"logger={logger}", "strategy=ddp", "trainer.devices=2"], tmp_path / logger, env=env, timeout=120)
-        assert done.returncode == 2, done.stderr[-3000:]
-        assert f"logger={logger} needs the `{logger}` package" in done.stderr
-        assert f"pip install 'paratrain[{extra}]'" in done.stderr and "Traceback" not in done.stderr
-        assert not (tmp_path / logger / "metrics.csv").exists()
+    # One spawn for the three (each is the same check): the first missing one is named.
+    done = train([*TINY, "logger=[csv,tensorboard,wandb,mlflow]", "strategy=ddp", "trainer.devices=2"],
+                 tmp_path / "loggers", env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "logger=tensorboard needs the `tensorboard` package" in done.stderr
+    assert "pip install 'paratrain[tensorboard]'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "loggers" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "mlflow"])
+def test_missing_logger_package_names_its_extra(logger, monkeypatch):
+    from paratrain.trainer import loggers
+    from paratrain.trainer.schema import RunConfig
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(RunConfig).logger
+    cfg[logger] = {}
+    loggers.check_packages(cfg)  # installed here
+    real = loggers.importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None if name == logger else real(name))
+    from paratrain.trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"logger={logger} needs the `{logger}` package.*paratrain\[{logger}\]"):
+        loggers.check_packages(cfg)
