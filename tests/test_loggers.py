@@ -160,12 +160,13 @@ def test_core_train_needs_no_optional_package_and_a_missing_logger_exits_2(tmp_p
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb", "mlflow"])
 def test_missing_logger_package_names_its_extra(logger, monkeypatch):
-    from paratrain.trainer import loggers
-    from paratrain.trainer.schema import RunConfig
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.structured(RunConfig).logger
-    cfg[logger] = {}
+    from paratrain.trainer import loggers, schema
+
+    cfg = OmegaConf.structured(schema.RunConfig).logger
+    option = {"tensorboard": schema.TensorBoardLoggerConfig, "wandb": schema.WandbLoggerConfig, "mlflow": schema.MLflowLoggerConfig}
+    cfg[logger] = OmegaConf.structured(option[logger])
     loggers.check_packages(cfg)  # installed here
     real = loggers.importlib.util.find_spec
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None if name == logger else real(name))
