@@ -17,7 +17,7 @@ from paratrain.trainer.schema import register_configs
 from paratrain.trainer.validate import validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "strategy", "optimizer", "data", "cluster", "trainer"]
+GROUPS = ["model", "strategy", "optimizer", "data", "cluster", "trainer", "logger"]
 
 
 def options(group):

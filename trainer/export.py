@@ -64,8 +64,12 @@ def export_hf(state: dict, config: dict, out) -> Path:
     out = hf.save_hf(state, OmegaConf.create(config["model"]), out, hf.max_position(config["data"]["seq_len"]))
     spec = (config.get("data") or {}).get("tokenizer")
     if not tokenizer.is_bytes(spec):
-        shutil.copyfile(Path(spec).expanduser(), out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+        if Path(spec).expanduser().is_file():  # AutoTokenizer.from_pretrained(out) then loads it
+            shutil.copyfile(Path(spec).expanduser(), out / "tokenizer.json")
+            (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+        else:
+            print(f"warning: the run's data.tokenizer={spec} is not here; copy it to {out}/tokenizer.json yourself",
+                  file=sys.stderr)
     return out
 
 
