@@ -198,12 +198,17 @@ def test_bad_init_from_is_a_config_error(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "nocheckpoint").mkdir()
     (tmp_path / "nocheckpoint" / "config.json").write_text((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "wrongshape").mkdir()
+    (tmp_path / "wrongshape" / "model.safetensors").write_bytes((tmp_path / "llama" / "model.safetensors").read_bytes())
+    (tmp_path / "wrongshape" / "config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "llama" / "config.json").read_text()), "intermediate_size": 80}))
     cases = [
         ("missing", {}, r"model\.init_from=.*missing.* is not a directory"),
         ("empty", {}, r"has no config\.json: it is not a Hugging Face model directory"),
         ("gqa", {}, r"num_key_value_heads=1.*grouped-query"),
         ("bert", {}, r"holds a 'bert' model.*llama, mixtral"),
         ("nocheckpoint", {}, r"has no safetensors weights"),
+        ("wrongshape", {}, r"mlp\.gate_proj\.weight has shape \[64, 32\], but its config\.json implies \[80, 32\]"),
         ("llama", {"model.n_layers": "3"}, r"model\.n_layers=3 conflicts with model\.init_from=.*num_hidden_layers=2"),
     ]
     for name, explicit, match in cases:

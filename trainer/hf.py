@@ -279,31 +279,45 @@ def _all_names(m) -> dict:
     return names
 
 
-def check_weights(path, m) -> None:
-    """Every tensor the model needs is in the directory with the right shape (headers only). Raises ConfigError."""
-    weights = HFWeights(path)
-    missing = []
-    expected = {}
-    for ours, theirs in _all_names(m).items():
-        if ours == "head.weight" and "lm_head.weight" not in weights:
-            continue  # tied embeddings: the head starts as a copy of the embedding
-        theirs = _source_name(weights, ours, _all_names(m))
-        if theirs not in weights:
-            missing.append(theirs)
+def _expected_shapes(m, weights: "HFWeights") -> dict[str, tuple]:
+    """HF tensor name -> the shape the model config implies (experts: expert 0, or the fused stacks)."""
+    d, v = m.d_model, m.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if "lm_head.weight" in weights:  # absent: tied embeddings, the head starts as a copy
+        shapes["lm_head.weight"] = (v, d)
+    for i in range(m.n_layers):
+        h = f"model.layers.{i}."
+        shapes.update({h + "input_layernorm.weight": (d,), h + "post_attention_layernorm.weight": (d,)})
+        shapes.update({f"{h}self_attn.{x}_proj.weight": (d, d) for x in "qkvo"})
+        if m.moe is None:
+            f = m.ffn_dim
+            shapes.update({h + "mlp.gate_proj.weight": (f, d), h + "mlp.up_proj.weight": (f, d), h + "mlp.down_proj.weight": (d, f)})
+            continue
+        e, f = m.moe.num_experts, m.moe.expert_ffn_dim or m.ffn_dim
+        gate = h + "block_sparse_moe.gate.weight"
+        shapes[gate if gate in weights else h + "mlp.gate.weight"] = (e, d)
+        if h + "block_sparse_moe.experts.0.w1.weight" in weights or h + "mlp.experts.gate_up_proj" not in weights:
+            for j in range(e):
+                x = f"{h}block_sparse_moe.experts.{j}."
+                shapes.update({x + "w1.weight": (f, d), x + "w3.weight": (f, d), x + "w2.weight": (d, f)})
         else:
-            expected[theirs] = weights.shape(theirs)
-    if m.moe is not None:
-        for i in range(m.n_layers):
-            legacy = f"model.layers.{i}.block_sparse_moe.experts.0.w1.weight"
-            if legacy not in weights and f"model.layers.{i}.mlp.experts.gate_up_proj" not in weights:
-                missing.append(legacy)
+            shapes.update({h + "mlp.experts.gate_up_proj": (e, 2 * f, d), h + "mlp.experts.down_proj": (e, d, f)})
+    return shapes
+
+
+def check_weights(path, m) -> None:
+    """Every tensor the config implies is in the directory, with its shape (safetensors headers only, before
+    any process starts). Raises ConfigError."""
+    weights = HFWeights(path)
+    expected = _expected_shapes(m, weights)
+    missing = [name for name in expected if name not in weights]
     if missing:
         raise ConfigError(f"model.init_from={str(path)!r} lacks {len(missing)} tensors its config.json implies, e.g. "
                           f"{missing[0]}: the weights do not belong to that config. Re-save the model with save_pretrained.")
-    emb = expected["model.embed_tokens.weight"]
-    if emb != (m.vocab_size, m.d_model):
-        raise ConfigError(f"model.init_from={str(path)!r}: model.embed_tokens.weight has shape {list(emb)}, but config.json "
-                          f"says vocab_size={m.vocab_size}, hidden_size={m.d_model}. Re-save the model with save_pretrained.")
+    for name, shape in expected.items():
+        if weights.shape(name) != shape:
+            raise ConfigError(f"model.init_from={str(path)!r}: {name} has shape {list(weights.shape(name))}, but its "
+                              f"config.json implies {list(shape)}. Re-save the model with save_pretrained.")
 
 
 @torch.no_grad()
