@@ -18,7 +18,7 @@ from conftest import TINY, TINY_MOE, summary, train, train_losses
 
 transformers = pytest.importorskip("transformers")
 
-from paratrain.trainer import hf  # noqa: E402
+from paratrain.trainer import hf, hf_init  # noqa: E402
 from paratrain.trainer.errors import ConfigError  # noqa: E402
 from paratrain.trainer.schema import RunConfig  # noqa: E402
 
@@ -53,9 +53,9 @@ def paratrain_from(path):
 
     cfg = OmegaConf.structured(RunConfig)
     cfg.model.init_from = str(path)
-    hf.fill_model_config(cfg, explicit={})
+    hf_init.fill_model_config(cfg, explicit={})
     model = build_model(cfg.model, seed=0)
-    hf.load_weights(model, path)
+    hf_init.load_weights(model, path)
     return model.eval(), cfg
 
 
@@ -79,7 +79,7 @@ def test_init_from_reads_only_the_experts_a_rank_holds(tmp_path):
     shard = build_model(cfg.model, seed=0)
     for moe in shard.moe_layers():
         moe.experts.keep_experts(2, 2)  # what expert parallelism does on ep rank 1 of 2
-    hf.load_weights(shard, tmp_path / "mix")
+    hf_init.load_weights(shard, tmp_path / "mix")
     for name in ("w1", "w2", "w3"):
         assert torch.equal(getattr(shard.layers[1].ffn.experts, name), getattr(full.layers[1].ffn.experts, name)[2:])
 
@@ -217,7 +217,7 @@ def test_bad_init_from_is_a_config_error(tmp_path):
         if explicit:
             cfg.model.n_layers = 3
         with pytest.raises(ConfigError, match=match):
-            hf.fill_model_config(cfg, explicit)
+            hf_init.fill_model_config(cfg, explicit)
 
 
 def test_bad_init_from_exits_2_before_spawning(tmp_path):

@@ -10,7 +10,6 @@ byte frequencies scores), and the BPE model below the byte model; the figures ar
 
 import json
 import math
-import os
 import subprocess
 import sys
 from collections import Counter

@@ -24,7 +24,7 @@ from .module import LanguageModelTask
 from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
 from .checkpoint_files import Checkpointer, resolve_resume
-from . import faults, hf, loggers, tokenizer
+from . import faults, hf_init, loggers, tokenizer
 from .launch import slurm, sweep
 from .schema import register_configs
 from .validate import validate, validate_devices
@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> RunDirectory:
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
         enable_checkpointing=False, callbacks=[run_directory, checkpointer, *faults.callbacks(t),
-                                                 *([hf.InitFromHF(cfg.model.init_from)] if cfg.model.init_from else []),
+                                                 *([hf_init.InitFromHF(cfg.model.init_from)] if cfg.model.init_from else []),
                                                  *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
     trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)

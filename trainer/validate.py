@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ..strategies.mesh import ParallelDims
-from . import hf, loggers, tokenizer
+from . import hf_init, loggers, tokenizer
 from .errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "expert", "hybrid")
@@ -173,9 +173,9 @@ def validate_devices(t, launched_externally: bool) -> None:
 def derive(cfg) -> None:
     """Fill the keys that follow from inputs, in place, before the rules see them: model.init_from fixes the
     architecture, data.tokenizer the vocabulary. An explicit command-line override that disagrees is an error."""
-    explicit = hf.explicit_model_overrides()
+    explicit = hf_init.explicit_model_overrides()
     if cfg.model.get("init_from"):
-        hf.fill_model_config(cfg, explicit)
+        hf_init.fill_model_config(cfg, explicit)
     tokenizer.fill_vocab_size(cfg, explicit)
 
 
