@@ -17,7 +17,7 @@ from paratrain.trainer.schema import register_configs
 from paratrain.trainer.validate import validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "strategy", "optimizer", "data", "cluster", "trainer"]
+GROUPS = ["model", "strategy", "optimizer", "data", "cluster", "trainer", "logger"]
 
 
 def options(group):
@@ -106,3 +106,19 @@ def test_user_recipe_on_search_path(tmp_path):
     (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\nmodel:\n  n_layers: 3\nseed: 7\n")
     cfg = compose_run("+recipe=mine", f"hydra.searchpath=[file://{tmp_path}]")
     assert cfg.model.n_layers == 3 and cfg.seed == 7
+
+
+def test_accelerator_auto_is_the_default_and_picks_this_machines_device():
+    """auto: Lightning's choice (CUDA where torch sees a GPU, else the CPU), ranks over nccl or gloo to match."""
+    import lightning as L
+
+    cfg = compose_run("strategy=ddp", "trainer.devices=2")
+    assert cfg.trainer.accelerator == "auto"
+    validate(cfg)
+    strategy = instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh))
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1 if torch.cuda.is_available() else 2,
+                        strategy=strategy, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    gpu = torch.cuda.is_available()
+    assert type(trainer.accelerator).__name__ == ("CUDAAccelerator" if gpu else "CPUAccelerator")
+    assert strategy.root_device.type == ("cuda" if gpu else "cpu")
+    assert strategy._get_process_group_backend() == ("nccl" if gpu else "gloo")

@@ -6,6 +6,7 @@ Metrics are reduced on every rank at the same steps (a collective); only rank 0 
 import csv
 import logging
 import json
+import math
 import os
 import resource
 import time
@@ -16,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..strategies.zero import optimizer_state_bytes
+from .loggers import finish as finish_loggers
 from .plots import plot_expert_load, plot_loss_curve
 
 log = logging.getLogger("paratrain")
@@ -26,8 +28,10 @@ def peak_rss_mb() -> float:
 
 
 class RunDirectory(L.Callback):
-    def __init__(self, run_dir: str, params: dict, layout: dict, log_every_n_steps: int):
+    def __init__(self, run_dir: str, params: dict, layout: dict, log_every_n_steps: int, loggers=(), hparams=None):
         self.run_dir = Path(run_dir)
+        self.loggers, self.hparams = list(loggers), hparams or {}  # experiment loggers (trainer/loggers.py): fed each row
+        self._sent: tuple[int, set] = (-1, set())  # the step and keys last sent to the loggers
         self.params, self.layout, self.log_every = params, layout, log_every_n_steps
         self.rows: list[dict] = []  # written rows; kept for plots and the summary
         self._pending: dict | None = None  # the newest row, open until the next one (val/loss may join it)
@@ -38,14 +42,20 @@ class RunDirectory(L.Callback):
         self._reopenable: int | None = None  # step of the last row, if flush() wrote it early
         self._last_row_offset = 0  # metrics.csv's size before the last row
         self.stopped_by: dict | None = None  # set by trainer/stop_signals.py when a signal ended the run early
+        self.val_columns: list[str] = []  # per-byte validation loss, when the data knows bytes per token
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         self._t0 = self._window_t0 = time.perf_counter()
         self._window_paused_s, self._window_step = 0.0, trainer.global_step
         self._start_step = trainer.global_step
+        if getattr(pl_module, "token_bytes", None) is not None:
+            self.val_columns = ["val/loss_per_byte", "val/bits_per_byte"]
         if trainer.global_step > 0 and trainer.is_global_zero:
             self._continue_metrics(trainer.global_step)  # resumed: after the checkpoint loaded
+        if trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_hyperparams(self.hparams)
 
     def pause(self, seconds: float) -> None:
         """Count `seconds` of non-training work (validation, a checkpoint save) out of tokens/s."""
@@ -68,6 +78,10 @@ class RunDirectory(L.Callback):
                 self._flush()
                 row = self._pending = {"step": trainer.global_step}
             row["val/loss"] = float(val)
+            per_token = trainer.callback_metrics.get("val/bytes_per_token")
+            if per_token is not None:  # comparable across tokenizers: nats and bits per byte of text
+                row["val/loss_per_byte"] = float(val) / float(per_token)
+                row["val/bits_per_byte"] = row["val/loss_per_byte"] / math.log(2)
 
     # --- one row per logged step -----------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -131,8 +145,8 @@ class RunDirectory(L.Callback):
                 with open(path) as f:
                     self._columns = next(csv.reader(f))
             else:
-                self._columns = ["step", "train/loss", "val/loss", "tokens_per_s"] + sorted(
-                    k for k in row if k not in ("step", "train/loss", "val/loss", "tokens_per_s"))
+                first = ["step", "train/loss", "val/loss", *self.val_columns, "tokens_per_s"]
+                self._columns = first + sorted(k for k in row if k not in first)
             mode = "a" if resumed else "w"
         else:
             mode = "a"
@@ -141,6 +155,13 @@ class RunDirectory(L.Callback):
             if mode == "w":
                 writer.writeheader()
             writer.writerow(row)
+        # A row re-opened for val/loss sends the loggers only what it gained.
+        sent_step, sent = self._sent
+        new = {k: v for k, v in row.items() if k != "step" and not (sent_step == row["step"] and k in sent)}
+        for logger in self.loggers:
+            if new:
+                logger.log_metrics(new, step=row["step"])
+        self._sent = (row["step"], set(new) | (sent if sent_step == row["step"] else set()))
         # One greppable line per row in the run's log: `grep 'step=' train.log`. A row re-opened for
         # val/loss logs only what it gained, so no value appears twice.
         step, logged = self._logged
@@ -161,12 +182,17 @@ class RunDirectory(L.Callback):
             self.write_summary(trainer, pl_module, "interrupted" if self.stopped_by else "completed",
                                peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
                                optimizer_state_bytes=int(peaks[2]), extra=self.stopped_by)
+            self._finalize_loggers("success")
 
     def on_exception(self, trainer, pl_module, exception):
         # No collectives here: other ranks may be gone.
         if trainer.is_global_zero:
             self._flush()
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
+            self._finalize_loggers("failed")
+
+    def _finalize_loggers(self, status: str) -> None:
+        finish_loggers(self.loggers, status)
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
                       error=None, extra=None):

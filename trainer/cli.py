@@ -25,7 +25,7 @@ from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
 from . import balance, plan as planning
 from .checkpoint_files import Checkpointer, resolve_resume
-from . import faults
+from . import faults, hf_init, loggers, tokenizer
 from .stop_signals import StopSignals
 from .launch import slurm, sweep
 from .schema import register_configs
@@ -79,12 +79,14 @@ def run(cfg: DictConfig) -> RunDirectory:
     train_path, val_path = checked_token_files(cfg.data, cfg.model.vocab_size)
     data = ByteDataModule(cfg.data, train_path, val_path, cfg.seed, accumulate=t.accumulate_grad_batches)
     model = build_model(cfg.model, cfg.seed, device="meta")  # weights materialise per rank in the strategy
-    task = LanguageModelTask(model, cfg.optimizer, t.max_steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
+    task = LanguageModelTask(model, cfg.optimizer, t.max_steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+                             token_bytes=tokenizer.data_token_bytes(cfg.data))
     task.seed = cfg.seed
     strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all")
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
     layout = {"strategy": cfg.strategy.name, "mesh": {"dp": dims.dp, "ep": dims.ep}, "layout": dims.describe(num_experts)}
-    run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps)
+    run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps,
+                                 loggers=loggers.build_loggers(cfg.logger, run_dir), hparams=loggers.hyperparameters(cfg))
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
     log.info("run directory: %s", run_dir)
@@ -99,7 +101,9 @@ def run(cfg: DictConfig) -> RunDirectory:
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False, logger=False,
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
         enable_checkpointing=False, callbacks=[run_directory, *balance.callbacks(cfg.model), checkpointer, stop,
-                                                 *faults.callbacks(t), *([StepProgressBar()] if t.enable_progress_bar else [])],
+                                                 *faults.callbacks(t),
+                                                 *([hf_init.InitFromHF(cfg.model.init_from)] if cfg.model.init_from else []),
+                                                 *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
     stop.attach(trainer, checkpointer, run_directory)
     stop.exit_if_signalled()

@@ -1,6 +1,7 @@
-"""Byte-level token data: the embedded corpus, user text, token files, and the global-batch sampler.
+"""Token data: the embedded corpus, user text, token files, and the global-batch sampler.
 
-Every source ends as two memory-mapped uint16 token files (train, val). Batches follow the
+Every source ends as two memory-mapped uint16 token files (train, val): text is tokenised once by
+data.tokenizer (bytes, or a tokenizer file: trainer/tokenizer.py), and the cache keys on it. Batches follow the
 global-batch contract of DESIGN.md: at optimizer step s the global batch is a fixed set of
 sequences drawn from (seed, s); each rank takes its contiguous slice of it, micro-batch by
 micro-batch, so the model sees the same tokens at step s whatever the layout.
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from . import tokenizer as tokenizers
 from .errors import ConfigError
 
 TOKEN_DTYPE = np.uint16
@@ -48,6 +50,11 @@ def text_files(pattern: str) -> tuple[Path, list[Path]]:
     return Path(os.path.commonpath([str(p.parent) for p in files])), files
 
 
+def corpus_files(spec: str) -> tuple[Path, list[Path]]:
+    """`stdlib` (the embedded corpus) or a glob of text files: (their common root, the files in a stable order)."""
+    return stdlib_files() if spec == "stdlib" else text_files(spec)
+
+
 def is_val_file(relative_name: str, val_fraction: float) -> bool:
     """A file belongs to validation by a hash of its name: stable across machines and file order."""
     return zlib.crc32(relative_name.encode()) % 10_000 < val_fraction * 10_000
@@ -65,23 +72,27 @@ def _cached_split(out: Path) -> tuple[Path, Path] | None:
     return (train, val) if train.exists() and val.exists() and meta.exists() else None
 
 
-def _write_split(out: Path, train: np.ndarray, val: np.ndarray) -> tuple[Path, Path]:
+def _write_split(out: Path, train: np.ndarray, val: np.ndarray, **meta) -> tuple[Path, Path]:
     """train.u16, val.u16 and meta.json, which keeps the largest id: every run checks it against
-    model.vocab_size, and a scan of a large token file on every rank would cost seconds."""
+    model.vocab_size, and a scan of a large token file on every rank would cost seconds. `meta` adds
+    what the source knows (the bytes of text each split stands for)."""
     out.mkdir(parents=True, exist_ok=True)
     top = max((int(a.max()) for a in (train, val) if len(a)), default=0)
     tmp = out / f"meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"max_id": top, "train_tokens": len(train), "val_tokens": len(val)}))
+    tmp.write_text(json.dumps({"max_id": top, "train_tokens": len(train), "val_tokens": len(val), **meta}))
     os.replace(tmp, out / "meta.json")
     _write_atomic(out / "val.u16", val)
     _write_atomic(out / "train.u16", train)  # last: _cached_split needs all three
     return out / "train.u16", out / "val.u16"
 
 
-def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_dir: Path) -> tuple[Path, Path]:
-    """Tokenise files to bytes once; later runs reuse the memory-mapped result."""
+def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_dir: Path,
+                     tokenizer: str = tokenizers.BYTES) -> tuple[Path, Path]:
+    """Tokenise files once (bytes, or the tokenizer file); later runs reuse the memory-mapped result."""
     names = [f.relative_to(root).as_posix() for f in files]
     key = hashlib.sha1(repr((sys.version, str(root), val_fraction, [(n, f.stat().st_size, f.stat().st_mtime_ns) for n, f in zip(names, files)])).encode())
+    if not tokenizers.is_bytes(tokenizer):  # bytes keeps the key it always had
+        key.update(tokenizers.fingerprint(tokenizer).encode())
     out = cache_dir / f"text-{key.hexdigest()[:16]}"
     if cached := _cached_split(out):
         return cached
@@ -93,8 +104,11 @@ def build_text_cache(root: Path, files: list[Path], val_fraction: float, cache_d
         text = b"".join(parts[False] + parts[True])
         cut = int(len(text) * (1 - val_fraction))
         parts = {False: [text[:cut]], True: [text[cut:]]}
-    train, val = (np.frombuffer(b"".join(parts[is_val]), dtype=np.uint8) for is_val in (False, True))
-    return _write_split(out, train, val)
+    train, val = (np.concatenate(tokenizers.encode(tokenizer, parts[is_val]) or [np.zeros(0, np.uint16)])
+                  for is_val in (False, True))
+    return _write_split(out, train, val, tokenizer=tokenizers.fingerprint(tokenizer),
+                        train_bytes=tokenizers.text_bytes(tokenizer, parts[False]),
+                        val_bytes=tokenizers.text_bytes(tokenizer, parts[True]))
 
 
 def token_files(cfg) -> tuple[Path, Path]:
@@ -120,8 +134,8 @@ def token_files(cfg) -> tuple[Path, Path]:
         tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
         cut = int(len(tokens) * (1 - cfg.val_fraction))
         return _write_split(split, np.asarray(tokens[:cut]), np.asarray(tokens[cut:]))
-    root, files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
-    return build_text_cache(root, files, cfg.val_fraction, cache_root(cfg.cache_dir))
+    root, files = corpus_files("stdlib" if cfg.source == "stdlib" else cfg.path)
+    return build_text_cache(root, files, cfg.val_fraction, cache_root(cfg.cache_dir), cfg.get("tokenizer", tokenizers.BYTES))
 
 
 def load_tokens(path: Path) -> np.ndarray:

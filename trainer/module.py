@@ -35,8 +35,10 @@ def build_optimizer(cfg, named_params) -> torch.optim.Optimizer:
 
 
 class LanguageModelTask(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, optimizer_cfg, max_steps: int, tokens_per_step: int):
+    def __init__(self, model: torch.nn.Module, optimizer_cfg, max_steps: int, tokens_per_step: int, token_bytes=None):
         super().__init__()
+        # (V,) bytes of text per token id (data.tokenizer): validation also reports loss per byte.
+        self.token_bytes = None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.float32)
         self.model = model
         self.optimizer_cfg, self.max_steps, self.tokens_per_step = optimizer_cfg, max_steps, tokens_per_step
         self.moe_layers = list(model.moe_layers())
@@ -64,6 +66,10 @@ class LanguageModelTask(L.LightningModule):
         ce, _ = self._loss(batch)
         # Equal-size slices on every rank: the mean over ranks is the mean over the global batch.
         self.log("val/loss", ce, sync_dist=True, prog_bar=True)
+        if self.token_bytes is not None:
+            # Equal token counts per batch and rank too: mean(CE) / mean(bytes) = total CE / total bytes.
+            self.token_bytes = self.token_bytes.to(batch[1].device)
+            self.log("val/bytes_per_token", self.token_bytes[batch[1]].mean(), sync_dist=True)
 
     # --- metrics: one fixed-shape reduction per logged step ----------------------------------
     def _metric_vector(self, ce, aux) -> torch.Tensor:

@@ -79,6 +79,9 @@ class ModelConfig:
     """Key/value heads (grouped-query attention); null = n_heads. Must divide n_heads."""
     tie_embeddings: bool = False
     """The output head shares the input embedding's weights."""
+    init_from: Optional[str] = None
+    """A local Hugging Face model directory (config.json + safetensors; Llama or Mixtral): its config fills
+    the architecture keys above and its weights replace the initial ones, under any layout. null = random init."""
 
 
 @dataclass
@@ -131,6 +134,9 @@ class DataConfig:
     tokens (a pre-tokenised uint16 file)."""
     path: Optional[str] = None
     """Glob of text files (source=text) or path of a uint16 token file (source=tokens)."""
+    tokenizer: str = "bytes"
+    """bytes (one token per byte, vocabulary 256) | the path of a tokenizer.json (Hugging Face `tokenizers`,
+    e.g. from `paratrain-tokenizer train`); model.vocab_size follows it. Text is tokenised once, cached per tokenizer."""
     batch_size: int = 32
     """GLOBAL batch: sequences per optimizer step over all ranks."""
     seq_len: int = 128
@@ -186,8 +192,9 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "cpu"
-    """cpu | gpu (= cuda) | auto; checked against the GPUs torch sees where the run trains."""
+    accelerator: str = "auto"
+    """auto (the GPUs torch sees where the run trains, else the CPU) | cpu | gpu (= cuda); ranks talk over
+    nccl on GPUs, gloo on the CPU (strategy.process_group_backend overrides)."""
     devices: int = 1
     """Processes per node."""
     num_nodes: int = 1
@@ -215,6 +222,58 @@ class TrainerConfig:
 
 
 @dataclass
+class CSVLoggerConfig:
+    """metrics.csv in the run directory: always written (summary.json, plots and sweep summaries read it)."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    save_dir: str = "tensorboard"
+    """Event-file directory inside the run directory; `tensorboard --logdir` a sweep root to compare its jobs."""
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "paratrain"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B team or user; null = your default entity."""
+    group: Optional[str] = None
+    """null = one group per sweep (named after its directory), none for a single run."""
+    name: Optional[str] = None
+    """Run name; null = the run directory's name (a sweep job: its number and overrides)."""
+    tags: List[str] = field(default_factory=list)
+    """Run tags."""
+    mode: Optional[str] = None
+    """online | offline | disabled; null = online when an account is configured (WANDB_API_KEY or
+    `wandb login`), else offline (the run directory's wandb/ folder; `wandb sync` uploads it later)."""
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: str = "file:./mlruns"
+    """Where runs are recorded; default: a local file store, mlruns/ in the directory train starts from."""
+    experiment_name: Optional[str] = None
+    """null = one experiment per sweep (named after its directory), `paratrain` for a single run."""
+    run_name: Optional[str] = None
+    """null = the run directory's name (a sweep job: its number and overrides)."""
+
+
+@dataclass
+class LoggerConfig:
+    """The `logger=` group: one key per selected logger (`logger=[csv,tensorboard]` selects two)."""
+
+    csv: Optional[CSVLoggerConfig] = None
+    """metrics.csv (always written; the default selection)."""
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    """TensorBoard event files (extra: paratrain[tensorboard])."""
+    wandb: Optional[WandbLoggerConfig] = None
+    """Weights & Biases, offline unless an account is configured (extra: paratrain[wandb])."""
+    mlflow: Optional[MLflowLoggerConfig] = None
+    """MLflow, a local file store by default (extra: paratrain[mlflow])."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -222,6 +281,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 1234
     """Seeds the weights (by parameter name and expert index) and the data order."""
     resume: Optional[str] = None

@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..strategies.mesh import ParallelDims
+from . import hf_init, loggers, tokenizer
 from .errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "expert", "hybrid")
@@ -203,9 +204,11 @@ def validate_cluster(cfg, submitting: bool = False) -> None:
 
 def validate_devices(t, launched_externally: bool) -> None:
     """The devices this machine has: checked where the run trains, not where a SLURM job is submitted."""
-    if t.accelerator not in GPU_ACCELERATORS:
+    if t.accelerator not in (*GPU_ACCELERATORS, "auto"):
         return
     found = torch.cuda.device_count()
+    if t.accelerator == "auto" and found == 0:
+        return  # auto on a machine without GPUs: the CPU
     _require(found > 0, f"trainer.accelerator={t.accelerator}, but this machine has no CUDA GPU that torch can use "
                         f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}). Use "
                         f"trainer.accelerator=cpu, or run where the GPUs are (e.g. cluster=slurm with a GPU partition).")
@@ -215,10 +218,21 @@ def validate_devices(t, launched_externally: bool) -> None:
              f"Use trainer.devices={found} or fewer (data.batch_size must stay divisible by the data ranks).")
 
 
+def derive(cfg) -> None:
+    """Fill the keys that follow from inputs, in place, before the rules see them: model.init_from fixes the
+    architecture, data.tokenizer the vocabulary. An explicit command-line override that disagrees is an error."""
+    explicit = hf_init.explicit_model_overrides()
+    if cfg.model.get("init_from"):
+        hf_init.fill_model_config(cfg, explicit)
+    tokenizer.fill_vocab_size(cfg, explicit)
+
+
 def validate(cfg) -> ParallelDims:
-    """Check every cross-field rule; return the resolved mesh degrees."""
+    """Fill derived keys (derive), check every cross-field rule; return the resolved mesh degrees."""
     validate_trainer(cfg.trainer)
     validate_cluster(cfg)
+    loggers.check_packages(cfg.get("logger"))
+    derive(cfg)
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
     dims = validate_strategy(cfg)
