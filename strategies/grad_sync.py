@@ -57,7 +57,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from paratrain.strategies.mesh import axis_size, dp_group, world_group
+from torch.distributed.tensor import DTensor
+
+from paratrain.strategies.mesh import axis_size, data_group, dp_group, expert_replica_group, world_group
 from paratrain.trainer.errors import ConfigError
 
 
@@ -75,17 +77,22 @@ def reduction_groups_for(
     params: Iterable[torch.nn.Parameter],
     expert_params: Iterable[torch.nn.Parameter],
     mesh: DeviceMesh,
+    tp_partial: Iterable[torch.nn.Parameter] = (),
 ) -> List[ReductionGroup]:
     """The reduction groups of a model laid out on `mesh` (see the scaling rule above).
 
     `params`: every parameter of the model in registration order (`model.parameters()`);
-    `expert_params`: the subset that are local expert shards. Frozen parameters are skipped.
+    `expert_params`: the subset that are local expert shards; `tp_partial`: under tp, the parameters
+    whose gradient on a tp rank is a partial sum (tensor_parallel.tp_partial_params). Frozen
+    parameters are skipped.
     """
     params = [p for p in params if p.requires_grad]
     expert_ids = {id(p) for p in expert_params}
     unknown = expert_ids - {id(p) for p in params}
     if unknown:
         raise ValueError(f"{len(unknown)} expert parameter(s) are not trainable model parameters")
+    if axis_size(mesh, "tp") > 1:
+        return _tensor_parallel_groups(params, expert_ids, {id(p) for p in tp_partial}, mesh)
     scale = 1.0 / mesh.size()
     if axis_size(mesh, "ep") == 1:
         # Experts are replicated like everything else: one group keeps the model's backward order.
@@ -99,6 +106,47 @@ def reduction_groups_for(
     return [g for g in groups if g.params]
 
 
+def _tensor_parallel_groups(params, expert_ids, partial_ids, mesh) -> List[ReductionGroup]:
+    """Under tp (strategies/tensor_parallel.py): the tp ranks of a data rank share its loss, so the
+    scale is 1/(dp x ep). Parameters whose tp ranks each hold the whole gradient of their piece
+    (tp slices; replicas fed every token) are summed over the data ranks; replicas fed 1/tp of the
+    tokens (`partial`) over the data ranks and tp; experts over the ranks holding the same shard."""
+    scale = axis_size(mesh, "tp") / mesh.size()
+    whole = [p for p in params if id(p) not in partial_ids]
+    partial = [p for p in params if id(p) in partial_ids and id(p) not in expert_ids]
+    experts = [p for p in params if id(p) in expert_ids]
+    if axis_size(mesh, "ep") == 1:
+        partial, experts = partial + experts, []  # experts' replicas are the whole world too
+    groups = [
+        ReductionGroup(whole, data_group(mesh), scale, "tp-whole"),
+        ReductionGroup(partial, world_group(mesh), scale, "tp-partial"),
+        ReductionGroup(experts, expert_replica_group(mesh), scale, "expert"),
+    ]
+    return [g for g in groups if g.params]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local slice (or partial sum), else itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """p.grad as this rank's piece of p. DTensor may hand back a Replicate gradient for a sharded
+    parameter (the embedding's): take this rank's slice of it (no communication). A Partial one
+    stays partial: the bucket's all-reduce sums it (see _tensor_parallel_groups)."""
+    g = p.grad
+    if isinstance(g, DTensor) and g.placements != p.placements and not any(pl.is_partial() for pl in g.placements):
+        g = g.redistribute(placements=p.placements)
+    return _local(g)
+
+
+def _as_grad(p: torch.nn.Parameter, view: torch.Tensor) -> torch.Tensor:
+    """The reduced local gradient in `p`'s form: a DTensor with p's placements for a DTensor p."""
+    if isinstance(p, DTensor):
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return view
+
+
 class _Bucket:
     """A flat buffer `[grad of params[0], ..., grad of params[-1], one flag per param]`."""
 
@@ -108,13 +156,14 @@ class _Bucket:
         self.group = group
         self.group_size = group_size
         self.scale = scale
-        numel = sum(p.numel() for p in params)
+        local = [_local(p) for p in params]
+        numel = sum(t.numel() for t in local)
         self.buffer = torch.zeros(numel + len(params), dtype=params[0].dtype, device=params[0].device)
         self.views: List[torch.Tensor] = []
         offset = 0
-        for p in params:
-            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for t in local:
+            self.views.append(self.buffer[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
         self.flags = self.buffer[numel:]
         """After the all-reduce: how many ranks had a gradient for each param (> 0 = any)."""
         self.reset()
@@ -251,7 +300,7 @@ class GradientSync:
                 )
             self._open_step()
             with torch.no_grad():
-                _scaled_copy(param.grad, bucket.views[slot], bucket.scale)
+                _scaled_copy(_local_grad(param), bucket.views[slot], bucket.scale)
             bucket.has_grad[slot] = True
             bucket.pending -= 1
             if self.record_events:
@@ -297,7 +346,7 @@ class GradientSync:
                 if bucket.has_grad[slot]:
                     continue
                 if p.grad is not None:
-                    _scaled_copy(p.grad, bucket.views[slot], bucket.scale)
+                    _scaled_copy(_local_grad(p), bucket.views[slot], bucket.scale)
                     bucket.has_grad[slot] = True
                 else:
                     bucket.views[slot].zero_()
@@ -323,7 +372,7 @@ class GradientSync:
             # One device-to-host read per bucket (not per parameter).
             any_rank_had_grad = (bucket.flags > 0).tolist()
             for p, view, present in zip(bucket.params, bucket.views, any_rank_had_grad):
-                p.grad = view if present else None
+                p.grad = _as_grad(p, view) if present else None
             bucket.reset()
         for chain in self._chains.values():
             chain.next = 0

@@ -64,17 +64,22 @@ class MeshConfig:
     """Data-parallel degree; -1 = infer from the world size."""
     ep: int = 1
     """Expert-parallel degree; -1 = infer from the world size."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost axis: weight matrices split over tp contiguous ranks); -1 = infer."""
 
 
 @dataclass
 class StrategyConfig:
     _target_: str = "paratrain.strategies.MeshStrategy"
     name: str = "single"
-    """single | ddp | expert | hybrid: how the run is laid out (for logs and summaries)."""
+    """single | ddp | expert | hybrid | tensor: how the run is laid out (for logs and summaries)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     """Degrees of each mesh axis; their product must equal trainer.devices * trainer.num_nodes."""
     bucket_size_mb: float = 25.0
     """Gradients are all-reduced in buckets of about this many MiB."""
+    sequence_parallel: bool = True
+    """With strategy.mesh.tp > 1: norms and the residual stream split over tp along the sequence
+    (all-gather + reduce-scatter per block instead of all-reduces); data.seq_len must divide by tp."""
     shard_optimizer: bool = False
     """ZeRO-1: shard optimizer state over each parameter's data-parallel group."""
     timeout_s: float = 600.0

@@ -96,21 +96,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
+        # n_heads is the heads this module computes: a tensor-parallel layout lowers it to the heads
+        # of its slice of wq/wk/wv (torchtitan's n_local_heads); head_dim never changes.
         self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
         self.wq = nn.Linear(d_model, d_model, bias=False)
         self.wk = nn.Linear(d_model, d_model, bias=False)
         self.wv = nn.Linear(d_model, d_model, bias=False)
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, rope: Tuple[Tensor, Tensor]) -> Tensor:
-        b, t, d = x.shape
-        nh = self.n_heads
-        q = self.wq(x).view(b, t, nh, d // nh).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(b, t, nh, d // nh).transpose(1, 2)
-        v = self.wv(x).view(b, t, nh, d // nh).transpose(1, 2)
+        b, t, _ = x.shape
+        nh, hs = self.n_heads, self.head_dim
+        q = self.wq(x).view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(b, t, nh, hs).transpose(1, 2)
+        v = self.wv(x).view(b, t, nh, hs).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+        return self.wo(y.transpose(1, 2).reshape(b, t, nh * hs))
 
 
 class Block(nn.Module):
@@ -165,7 +168,8 @@ class Transformer(nn.Module):
         """Mean over MoE layers of lb_weight * load_balancing + z_weight * z_loss (0 if dense)."""
         layers = self.moe_layers()
         if not layers or not layers[0].aux_losses:
-            return self.head.weight.new_zeros(())
+            # A plain tensor even when a layout made head.weight a DTensor (it is added to the loss).
+            return torch.zeros((), dtype=self.head.weight.dtype, device=self.head.weight.device)
         total = sum(self.lb_weight * m.aux_losses["load_balancing"]
                     + self.z_weight * m.aux_losses["z_loss"] for m in layers)
         return total / len(layers)
