@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -146,7 +146,7 @@ class ExpertsReplicatedOverTP(ParallelStyle):
         return y.redistribute(placements=(self.residual,)).to_local()
 
     def _apply(self, module, mesh):
-        return distribute_module(module, mesh, input_fn=self._input, output_fn=self._output)
+        return _hook(module, mesh, self._input, self._output)
 
 
 class _PartialGradInput(ParallelStyle):
@@ -156,7 +156,16 @@ class _PartialGradInput(ParallelStyle):
         return (DTensor.from_local(inputs[0], mesh, (Replicate(),), run_check=False, grad_placements=(Partial(),)),)
 
     def _apply(self, module, mesh):
-        return distribute_module(module, mesh, input_fn=self._input)
+        return _hook(module, mesh, self._input)
+
+
+def _hook(module: nn.Module, mesh, input_fn, output_fn=None) -> nn.Module:
+    """distribute_module's input/output hooks without its parameter step, which would make every
+    parameter a Replicate DTensor: these stay plain tensors (their gradients are reduced by us)."""
+    module.register_forward_pre_hook(lambda mod, inputs: input_fn(mod, inputs, mesh))
+    if output_fn is not None:
+        module.register_forward_hook(lambda mod, inputs, outputs: output_fn(mod, outputs, mesh))
+    return module
 
 
 class TokenChunkDispatcher(TokenDispatcher):
