@@ -1,12 +1,12 @@
-"""`MeshStrategy`: one Lightning Strategy plugin for every layout over a {dp, ep} device mesh.
+"""`MeshStrategy`: one Lightning Strategy plugin for every layout over a {dp, ep, tp} device mesh.
 
-`single` is the mesh {1, 1}, `ddp` {N, 1}, `expert` {1, N}, `hybrid` {a, b}: the same code, so the
-four cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
+`single` is the mesh {1, 1, 1}, `ddp` {N, 1, 1}, `expert` {1, N, 1}, `hybrid` {a, b, 1}, `tensor`
+{1, 1, N} (or any product): the same code, so the layouts cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
 device) and lays it out in `setup()`: keep this rank's experts, materialise the weights, swap in
 the all-to-all dispatcher, and register our bucketed gradient synchronisation.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
@@ -14,12 +14,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from . import portable_state
 from .grad_sync import GradientSync
 from .grad_norm import clip_grad_norm_
 from .layout import apply_layout
 from .mesh import ParallelDims, build_mesh
+from .tensor_parallel import parallel_cross_entropy
 from .zero import OptimizerStateSharding
 
 
@@ -27,9 +30,10 @@ class MeshStrategy(ModelParallelStrategy):
     """Lay a plain model out over the mesh {dp, ep}; gradients synced by our own all-reduce."""
 
     def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, shard_optimizer: bool = False,
-                 timeout_s: float = 600.0, process_group_backend: str | None = None):
+                 timeout_s: float = 600.0, process_group_backend: str | None = None, sequence_parallel: bool = True):
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
         self.name = name
+        self.sequence_parallel = sequence_parallel
         self.mesh_degrees = dict(mesh or {"dp": 1, "ep": 1})
         self.bucket_size_mb, self.shard_optimizer = bucket_size_mb, shard_optimizer
         self.dims: ParallelDims | None = None
@@ -45,8 +49,10 @@ class MeshStrategy(ModelParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict:
-        # Every rank reads its own slice of the global batch, whatever its mesh coordinates.
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # Every (dp, ep) coordinate reads its own slice of the global batch; its tp ranks share it.
+        if self.dims is None:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return {"num_replicas": self.dims.data_ranks, "rank": self.dims.data_rank(self.global_rank)}
 
     def setup_environment(self) -> None:
         Strategy.setup_environment(self)
@@ -58,7 +64,10 @@ class MeshStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device)
+        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device,
+                                             self.sequence_parallel)
+        if self.dims.tp > 1:
+            module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
             self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
         if self.global_rank == 0:
@@ -84,8 +93,16 @@ class MeshStrategy(ModelParallelStrategy):
         return output
 
     def describe(self) -> str:
-        moe = [m for m in self.lightning_module.model.moe_layers()]
-        return self.dims.describe(moe[0].experts.num_experts if moe else None)
+        model = self.lightning_module.model
+        moe = [m for m in model.moe_layers()]
+        held = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        mib = sum(t.numel() * t.element_size() for t in held) / 2**20
+        return f"{self.dims.describe(moe[0].experts.num_experts if moe else None)}; {mib:.2f} MiB of parameters on rank 0"
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # The vocab-parallel loss's backward must run inside loss_parallel() as its forward did.
+        with loss_parallel() if self.dims is not None and self.dims.tp > 1 else nullcontext():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # --- gradient synchronisation -----------------------------------------------------------
     @contextmanager

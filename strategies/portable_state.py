@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.tensor import DTensor
 
 from ..trainer.errors import ConfigError
 from ..trainer.models.moe import GroupedExperts
@@ -405,7 +406,7 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
                 for head in heads:
                     for leaf in leaves:
                         md = saved[head + leaf]
-                        targets[head + leaf] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                        targets[head + leaf] = _state_target(p, tuple(md.size), md.properties.dtype)
                 wanted.append((optimizer, p, group, owner, heads, leaves))
 
     rng_rank = rank if f"{RNG}/rank{rank}/torch" in saved else 0  # a rank the checkpoint did not have
@@ -433,6 +434,14 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
 
     restore_rng({k.replace(f"rank{rng_rank}/", f"rank{rank}/"): targets[k] for k in rng_keys}, rank)
     return meta
+
+
+def _state_target(p: torch.Tensor, size: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Where DCP loads one optimizer-state tensor of `p`: laid out like `p` when it is a DTensor of that
+    shape (DCP then reads just this rank's slice, from whatever layout saved it), else a plain tensor."""
+    if isinstance(p, DTensor) and tuple(p.shape) == size:
+        return torch.empty_like(p, dtype=dtype)
+    return torch.empty(size, dtype=dtype)
 
 
 def consolidated_model_state(path) -> dict[str, torch.Tensor]:

@@ -152,13 +152,15 @@ class RunDirectory(L.Callback):
     def on_train_end(self, trainer, pl_module):
         # Collectives first, on every rank; then rank 0 writes.
         device = pl_module.device
-        local = torch.tensor([peak_rss_mb(), sum(p.numel() for p in pl_module.model.parameters()),
-                              sum(optimizer_state_bytes(o) for o in trainer.optimizers)], device=device, dtype=torch.float64)
+        held = [_held(p) for p in pl_module.model.parameters()]  # this rank's slices of sharded (DTensor) ones
+        local = torch.tensor([peak_rss_mb(), sum(t.numel() for t in held),
+                              sum(optimizer_state_bytes(o) for o in trainer.optimizers),
+                              sum(t.numel() * t.element_size() for t in held)], device=device, dtype=torch.float64)
         peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
         if trainer.is_global_zero:
             self._flush()
             self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
-                               optimizer_state_bytes=int(peaks[2]))
+                               optimizer_state_bytes=int(peaks[2]), param_bytes=int(peaks[3]))
 
     def on_exception(self, trainer, pl_module, exception):
         # No collectives here: other ranks may be gone.
@@ -167,7 +169,7 @@ class RunDirectory(L.Callback):
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
-                      error=None):
+                      error=None, param_bytes=None):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         steps = trainer.global_step
@@ -186,6 +188,7 @@ class RunDirectory(L.Callback):
             **self.layout,
             **self.params,
             "params_per_rank": params_per_rank,
+            "param_bytes_per_rank": param_bytes,
             "optimizer_state_bytes_per_rank": optimizer_state_bytes,
             "peak_rss_mb": peak_rss if peak_rss is not None else peak_rss_mb(),
             "a2a_bytes_per_step": pl_module.step_metrics.get("a2a_bytes_per_step", 0.0),
@@ -200,6 +203,11 @@ class RunDirectory(L.Callback):
             plot_loss_curve(self.rows, plots / "loss.png")
         if self.load_history:
             plot_expert_load(self.load_history, plots / "expert_load.png")
+
+
+def _held(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank stores: a DTensor's local slice, else the tensor."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -14,7 +14,7 @@ import torch
 from ..strategies.mesh import ParallelDims
 from .errors import ConfigError
 
-STRATEGIES = ("single", "ddp", "expert", "hybrid")
+STRATEGIES = ("single", "ddp", "expert", "hybrid", "tensor")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -109,16 +109,46 @@ def validate_strategy(cfg) -> ParallelDims:
              f"strategy=single runs one process, but trainer.devices * trainer.num_nodes = {world_size(cfg)}. "
              f"Use strategy=ddp (or expert / hybrid for an MoE model) to train on {world_size(cfg)} processes, "
              f"or set trainer.devices=1.")
-    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, world_size=world_size(cfg))
+    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, tp=s.mesh.tp, world_size=world_size(cfg))
     if dims.ep > 1:
         _require(cfg.model.moe is not None,
                  f"strategy={s.name} shards experts over strategy.mesh.ep={dims.ep} ranks, but the model is dense "
                  f"(model.moe=null): there are no experts to shard. Use an MoE model (e.g. +recipe=moe_8x), or "
                  f"strategy=ddp for a dense model.")
         dims.validate_experts(cfg.model.moe.num_experts)
+    if dims.tp > 1:
+        validate_tensor_parallel(cfg, dims.tp)
     _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
     _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
     return dims
+
+
+def validate_tensor_parallel(cfg, tp: int) -> None:
+    """What strategies/tensor_parallel.py splits over tp must split evenly."""
+    m, moe, sp = cfg.model, cfg.model.moe, cfg.strategy.sequence_parallel
+    fix = f"or change strategy.mesh.tp={tp}"
+    splits = [("model.n_heads", m.n_heads, "attention heads are split over the tp ranks"),
+              ("model.d_model", m.d_model, "q/k/v/o columns and rows are split over the tp ranks"),
+              ("model.vocab_size", m.vocab_size, "the embedding rows and output-head columns are split over the tp ranks")]
+    if moe is None or moe.every_n_layers > 1:
+        splits.append(("model.ffn_dim", m.ffn_dim, "the dense SwiGLU hidden units are split over the tp ranks"))
+    if moe is not None and moe.num_shared_experts > 0:
+        width = moe.expert_ffn_dim or m.ffn_dim
+        key = "model.moe.expert_ffn_dim" if moe.expert_ffn_dim else "model.ffn_dim (= the expert width)"
+        _require(moe.num_shared_experts * width % tp == 0,
+                 f"{key}={width} x model.moe.num_shared_experts={moe.num_shared_experts} = {moe.num_shared_experts * width} "
+                 f"is not divisible by strategy.mesh.tp={tp}: the shared experts' hidden units are split over the tp "
+                 f"ranks like the dense FFN's. Use a width that makes it a multiple of {tp}, {fix}.")
+    for key, value, why in splits:
+        _require(value % tp == 0, f"{key}={value} is not divisible by strategy.mesh.tp={tp}: {why}. "
+                                  f"Use a multiple of {tp} for {key}, {fix}.")
+    _require(not sp or cfg.data.seq_len % tp == 0,
+             f"data.seq_len={cfg.data.seq_len} is not divisible by strategy.mesh.tp={tp}: with "
+             f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
+             f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
+    _require(not cfg.strategy.shard_optimizer,
+             f"strategy.shard_optimizer=true with strategy.mesh.tp={tp}: ZeRO-1's whole-parameter partition does not "
+             f"handle tp-sharded (DTensor) parameters yet. Set strategy.shard_optimizer=false, or strategy.mesh.tp=1.")
 
 
 def validate_cluster(cfg, submitting: bool = False) -> None:
@@ -174,6 +204,6 @@ def validate(cfg) -> ParallelDims:
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
     dims = validate_strategy(cfg)
-    # Every rank reads a different shard of the global batch, whatever the mesh axes.
-    validate_data(cfg.data, dims.world_size, cfg.trainer.accumulate_grad_batches)
+    # Every (dp, ep) coordinate reads a different shard of the global batch; its tp ranks share one.
+    validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
     return dims
