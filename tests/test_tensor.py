@@ -124,3 +124,128 @@ def test_tp_gradients_equal_single_process(name):
                 if offset is not None and ep > 1:
                     expected = expected[offset: offset + g.shape[0]]
                 torch.testing.assert_close(g, expected, rtol=RTOL, atol=ATOL, msg=f"rank {rank} step {step} {n}")
+
+
+def test_tp_shards_the_split_layers_by_tp():
+    """Per-rank parameter bytes of the split layers fall by tp; only the norms stay whole (measured)."""
+    cfg = model_cfg()
+    full = build_model(cfg, SEED)
+    total = sum(p.numel() * p.element_size() for p in full.parameters())
+    norms = sum(p.numel() * p.element_size() for n, p in full.named_parameters() if "norm" in n)
+    results = run_on_ranks(_held_bytes, 2, cfg, timeout_s=120)
+    assert results[0] == results[1] == (total - norms) // 2 + norms
+
+
+def _held_bytes(rank, world_size, cfg):
+    from paratrain.strategies.layout import apply_layout
+    from paratrain.strategies.mesh import ParallelDims, build_mesh
+
+    dims = ParallelDims(dp=1, ep=1, tp=2, world_size=world_size)
+    mesh = build_mesh(dims, "cpu")
+    model = build_model(cfg, SEED, device="meta")
+    apply_layout(model, dims, mesh, SEED, torch.device("cpu"))
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+
+
+# --- tier 4: the `train` command ---------------------------------------------------------------
+
+from conftest import TINY, TINY_MOE, summary, train, train_losses  # noqa: E402
+
+CKPT = ["optimizer.warmup_steps=8", "optimizer.min_lr_ratio=1.0", "strategy.timeout_s=60"]
+TP2 = ["strategy=tensor", "trainer.devices=2"]
+
+
+def run_ok(args, run_dir):
+    done = train(args, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def val_losses(run_dir):
+    from conftest import metrics
+
+    return {int(r["step"]): float(r["val/loss"]) for r in metrics(run_dir) if r["val/loss"]}
+
+
+@pytest.fixture(scope="module")
+def dense_runs(tmp_path_factory):
+    """12-step references (single and tp=2) and 6-step runs of each to resume."""
+    root = tmp_path_factory.mktemp("tensor")
+    runs = {}
+    for name, layout in (("single", []), ("tp2", TP2)):
+        runs[name] = run_ok([*TINY, *CKPT, *layout, "trainer.max_steps=12"], root / name)
+        runs[f"{name}-first6"] = run_ok([*TINY, *CKPT, *layout, "trainer.max_steps=6"], root / f"{name}-first6")
+    return runs
+
+
+def test_train_tensor_reproduces_single(dense_runs):
+    single, tp2 = dense_runs["single"], dense_runs["tp2"]
+    assert len(train_losses(tp2)) == 12
+    assert train_losses(tp2) == pytest.approx(train_losses(single), rel=1e-5)
+    assert val_losses(tp2) == pytest.approx(val_losses(single), rel=1e-5)
+    s, ref = summary(tp2), summary(single)
+    assert s["mesh"] == {"dp": 1, "ep": 1, "tp": 2} and s["world_size"] == 2
+    assert s["layout"] == "dp=1 x ep=1 x tp=2 over 2 processes"
+    norms = 5 * 32  # 2 blocks x 2 norms + the final norm, d_model=32 (TINY): replicated over tp
+    assert s["params_per_rank"] == (ref["params_total"] - norms) // 2 + norms
+    assert s["param_bytes_per_rank"] == 4 * s["params_per_rank"]
+    assert ref["param_bytes_per_rank"] == 4 * ref["params_total"]
+
+
+@pytest.mark.parametrize("first,then,reference,rel", [
+    pytest.param("tp2", TP2, "tp2", 0, id="tp2-resume-bitwise"),
+    pytest.param("tp2", [], "single", 1e-5, id="tp2-to-single"),
+    pytest.param("single", TP2, "single", 1e-5, id="single-to-tp2"),
+    pytest.param("tp2", ["strategy=ddp", "trainer.devices=2"], "single", 1e-5, id="tp2-to-ddp2"),
+])
+def test_tensor_checkpoints_resume_and_reshard(first, then, reference, rel, dense_runs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(dense_runs[f"{first}-first6"], run_dir)
+    run_ok([*TINY, *CKPT, *then, "trainer.max_steps=12", "resume=auto"], run_dir)
+    got, want = train_losses(run_dir), train_losses(dense_runs[reference])
+    assert summary(run_dir)["resumed_from_step"] == 6
+    if rel == 0:
+        assert got == want and val_losses(run_dir) == val_losses(dense_runs[reference])
+    else:
+        assert got == pytest.approx(want, rel=rel)
+        assert val_losses(run_dir) == pytest.approx(val_losses(dense_runs[reference]), rel=rel)
+
+
+def test_export_consolidates_a_tensor_parallel_checkpoint(dense_runs, tmp_path):
+    import subprocess
+    import sys
+
+    from paratrain.trainer.export import load_exported
+
+    out = tmp_path / "model.safetensors"
+    done = subprocess.run([sys.executable, "-m", "paratrain.trainer.export", str(dense_runs["tp2"]), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported, _ = load_exported(out)
+    single, _ = load_exported(_export(dense_runs["single"], tmp_path / "single.safetensors"))
+    assert exported.head.weight.shape == (256, 32)  # whole, not a tp slice
+    for (name, a), (_, b) in zip(exported.state_dict().items(), single.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)  # AdamW turns last-bit sums into ~1e-5
+
+
+def _export(run_dir, out):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "paratrain.trainer.export", str(run_dir), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_train_moe_ep2_x_tp2_reproduces_single(tmp_path):
+    moe = [*TINY_MOE, "model.moe.num_shared_experts=1"]
+    single = run_ok(moe, tmp_path / "single")
+    laid_out = run_ok([*moe, "strategy=tensor", "strategy.mesh.ep=2", "strategy.mesh.tp=2", "trainer.devices=4"],
+                      tmp_path / "ep2xtp2")
+    assert train_losses(laid_out) == pytest.approx(train_losses(single), rel=1e-5)
+    s = summary(laid_out)
+    assert s["layout"] == "dp=1 x ep=2 x tp=2 over 4 processes; 2 experts per rank"
+    assert s["a2a_bytes_per_step"] > 0
