@@ -6,6 +6,8 @@ with full_tensor, expert shards by their global index), to rtol 1e-5 / atol 1e-6
 the last step, against one process. Tier 4: the real `train` command under strategy=tensor.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,3 +251,53 @@ def test_train_moe_ep2_x_tp2_reproduces_single(tmp_path):
     s = summary(laid_out)
     assert s["layout"] == "dp=1 x ep=2 x tp=2 over 4 processes; 2 experts per rank"
     assert s["a2a_bytes_per_step"] > 0
+
+
+# --- bad input: exit 2 before any process starts, naming the key and the fix --------------------
+
+BAD = {  # id: (overrides, regex of the message)
+    "heads": (["model.n_heads=1", "model.d_model=32"], r"model\.n_heads=1 is not divisible by strategy\.mesh\.tp=2: "
+              r"attention heads are split .* Use a multiple of 2 for model\.n_heads"),
+    "ffn": (["model.ffn_dim=63"], r"model\.ffn_dim=63 is not divisible by strategy\.mesh\.tp=2: the dense SwiGLU"),
+    "vocab": (["model.vocab_size=257"], r"model\.vocab_size=257 is not divisible by strategy\.mesh\.tp=2: the embedding"),
+    "shared-expert-width": (["+recipe=moe_8x", "model.moe.expert_ffn_dim=31", "model.moe.num_shared_experts=1"],
+                            r"model\.moe\.expert_ffn_dim=31 x model\.moe\.num_shared_experts=1 = 31 is not divisible by "
+                            r"strategy\.mesh\.tp=2: the shared experts"),
+    "seq-len-sp": (["data.seq_len=31"], r"data\.seq_len=31 is not divisible by strategy\.mesh\.tp=2: with "
+                   r"strategy\.sequence_parallel=true .* set strategy\.sequence_parallel=false"),
+    "mesh-product": (["strategy.mesh.tp=4"], r"strategy\.mesh\.dp=1 x strategy\.mesh\.ep=1 x strategy\.mesh\.tp=4 = 4 "
+                     r"processes, but trainer\.devices \* trainer\.num_nodes = 2"),
+    "zero1": (["strategy.shard_optimizer=true"], r"strategy\.shard_optimizer=true with strategy\.mesh\.tp=2"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_tensor_parallel_config_is_refused_before_spawning(name):
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import REPO
+    from paratrain.trainer.errors import ConfigError
+    from paratrain.trainer.recipes import register_recipes
+    from paratrain.trainer.schema import register_configs
+    from paratrain.trainer.validate import validate
+
+    overrides, message = BAD[name]
+    register_configs()
+    register_recipes()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, *TP2, *overrides])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+def test_bad_tensor_parallel_config_exits_2_and_starts_nothing(tmp_path):
+    done = train([*TINY, *TP2, "model.vocab_size=257"], tmp_path / "run")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(r"model\.vocab_size=257 is not divisible by strategy\.mesh\.tp=2", done.stderr)
+    assert "Traceback" not in done.stderr and "distributed_backend" not in done.stderr + done.stdout
