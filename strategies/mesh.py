@@ -249,3 +249,17 @@ def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """Every rank of the mesh, which is every rank of the job: dense gradients are reduced here."""
     assert mesh.size() == dist.get_world_size(), "the mesh must cover the whole job"
     return dist.group.WORLD
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D sub-mesh along dp: FSDP shards each expert shard over it."""
+    return mesh["dp"]
+
+
+def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh over every data rank (dp x ep): FSDP shards dense parameters over it.
+
+    With ep > 1 this flattens (dp, ep) into one axis, which creates its process group: call once."""
+    if axis_size(mesh, "ep") == 1:
+        return mesh["dp"]
+    return mesh["dp", "ep"]._flatten("dp_ep")

@@ -165,7 +165,8 @@ class Transformer(nn.Module):
         """Mean over MoE layers of lb_weight * load_balancing + z_weight * z_loss (0 if dense)."""
         layers = self.moe_layers()
         if not layers or not layers[0].aux_losses:
-            return self.head.weight.new_zeros(())
+            # A plain zero, not head.weight.new_zeros: a sharded layout may hold the weight as a DTensor.
+            return torch.zeros((), device=self.head.weight.device)
         total = sum(self.lb_weight * m.aux_losses["load_balancing"]
                     + self.z_weight * m.aux_losses["z_loss"] for m in layers)
         return total / len(layers)
