@@ -231,13 +231,13 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     # init_device_mesh lays ranks out row-major over `degrees`, which is our rank layout, and
     # creates one process group per axis slice. A slice spanning the world reuses WORLD.
     mesh = init_device_mesh(device_type, dims.degrees, mesh_dim_names=dims.axis_names)
-    if dims.tp > 1:
-        # The data ranks of this rank's tp slice: gradients of tp-sharded parameters (every rank
-        # holds the whole gradient of its slice) are reduced over it. Flattened once, here, on
-        # every rank at the same time (it creates a process group).
+    if dims.ep > 1:
+        # The data ranks of this rank's tp slice, one axis (dense gradients are reduced over it, FSDP
+        # shards dense parameters over it). Flattened once, here, on every rank at the same time:
+        # it creates a process group.
         mesh[("dp", "ep")]._flatten("data")
-        if dims.ep > 1:
-            mesh[("dp", "tp")]._flatten("expert_replicas")  # the ranks holding one expert shard
+    if dims.ep > 1 and dims.tp > 1:
+        mesh[("dp", "tp")]._flatten("expert_replicas")  # the ranks holding one expert shard
     return mesh
 
 
@@ -286,7 +286,7 @@ def data_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     Gradients of parameters sharded over tp are reduced here; the world when tp is 1."""
     if axis_size(mesh, "tp") == 1:
         return world_group(mesh)
-    return mesh["data"].get_group()
+    return data_mesh(mesh).get_group()
 
 
 def expert_replica_group(mesh: DeviceMesh) -> dist.ProcessGroup:
@@ -302,3 +302,15 @@ def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """Every rank of the mesh, which is every rank of the job: dense gradients are reduced here."""
     assert mesh.size() == dist.get_world_size(), "the mesh must cover the whole job"
     return dist.group.WORLD
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D sub-mesh along dp: FSDP shards each expert shard over it."""
+    return mesh["dp"]
+
+
+def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh over the data ranks of this rank's tp slice (dp x ep): FSDP shards dense parameters over it."""
+    if axis_size(mesh, "ep") == 1:
+        return mesh["dp"]
+    return mesh["data"]  # flattened in build_mesh

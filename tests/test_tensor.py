@@ -81,7 +81,7 @@ def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel):
     dims = ParallelDims(dp=dp, ep=ep, tp=tp, world_size=world_size)
     mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, SEED, device="meta")
-    sync = GradientSync(apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel), bucket_size_mb=0.01)
+    sync = GradientSync(apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel=sequence_parallel), bucket_size_mb=0.01)
     local = BATCH // dims.data_ranks
     data_rank = dims.data_rank(rank)
     rows = slice(data_rank * local, (data_rank + 1) * local)
@@ -267,7 +267,8 @@ BAD = {  # id: (overrides, regex of the message)
                    r"strategy\.sequence_parallel=true .* set strategy\.sequence_parallel=false"),
     "mesh-product": (["strategy.mesh.tp=4"], r"strategy\.mesh\.dp=1 x strategy\.mesh\.ep=1 x strategy\.mesh\.tp=4 = 4 "
                      r"processes, but trainer\.devices \* trainer\.num_nodes = 2"),
-    "zero1": (["strategy.shard_optimizer=true"], r"strategy\.shard_optimizer=true with strategy\.mesh\.tp=2"),
+    "zero1": (["strategy.zero_stage=1"], r"strategy\.zero_stage=1 with strategy\.mesh\.tp=2: ZeRO-1"),
+    "zero3-moe": (["+recipe=moe_8x", "strategy.zero_stage=3"], r"strategy\.zero_stage=3 with strategy\.mesh\.tp=2 and an MoE"),
 }
 
 

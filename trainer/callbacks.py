@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from ..strategies.zero import optimizer_state_bytes
+from ..strategies.zero import grad_bytes, local_numel, rank_memory
 from .plots import plot_expert_load, plot_loss_curve
 
 log = logging.getLogger("paratrain")
@@ -37,6 +37,7 @@ class RunDirectory(L.Callback):
         self._logged: tuple[int, set] = (-1, set())  # the step and keys of the last greppable log line
         self._reopenable: int | None = None  # step of the last row, if flush() wrote it early
         self._last_row_offset = 0  # metrics.csv's size before the last row
+        self._grad_bytes: int | None = None  # gradient bytes this rank holds during a step
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -148,19 +149,23 @@ class RunDirectory(L.Callback):
             log.info(" ".join([f"step={row['step']}"] + [f"{k}={row[k]:.5g}" for k in keys]))
         self._logged = (row["step"], set(keys) | (logged if step == row["step"] else set()))
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._grad_bytes is None:  # synced gradients of the first step (optimizers drop them later)
+            self._grad_bytes = grad_bytes(pl_module.model)
+
     # --- end of run -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
         # Collectives first, on every rank; then rank 0 writes.
         device = pl_module.device
-        held = [_held(p) for p in pl_module.model.parameters()]  # this rank's slices of sharded (DTensor) ones
-        local = torch.tensor([peak_rss_mb(), sum(t.numel() for t in held),
-                              sum(optimizer_state_bytes(o) for o in trainer.optimizers),
-                              sum(t.numel() * t.element_size() for t in held)], device=device, dtype=torch.float64)
+        held = rank_memory(pl_module.model, trainer.optimizers, self._grad_bytes)  # bytes this rank holds, by kind
+        local = torch.tensor([peak_rss_mb(), sum(local_numel(p) for p in pl_module.model.parameters()), *held.values()],
+                             device=device, dtype=torch.float64)
         peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
         if trainer.is_global_zero:
             self._flush()
             self.write_summary(trainer, pl_module, "completed", peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
-                               optimizer_state_bytes=int(peaks[2]), param_bytes=int(peaks[3]))
+                               optimizer_state_bytes=int(peaks[4]),
+                               held={f"{k}_per_rank": int(v) for k, v in zip(held, peaks[2:])})
 
     def on_exception(self, trainer, pl_module, exception):
         # No collectives here: other ranks may be gone.
@@ -169,7 +174,7 @@ class RunDirectory(L.Callback):
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
-                      error=None, param_bytes=None):
+                      error=None, held=None):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         steps = trainer.global_step
@@ -188,8 +193,8 @@ class RunDirectory(L.Callback):
             **self.layout,
             **self.params,
             "params_per_rank": params_per_rank,
-            "param_bytes_per_rank": param_bytes,
             "optimizer_state_bytes_per_rank": optimizer_state_bytes,
+            **(held or {}),  # param_bytes_per_rank, grad_bytes_per_rank, optimizer_state_bytes_per_rank (max over ranks)
             "peak_rss_mb": peak_rss if peak_rss is not None else peak_rss_mb(),
             "a2a_bytes_per_step": pl_module.step_metrics.get("a2a_bytes_per_step", 0.0),
         }
@@ -203,11 +208,6 @@ class RunDirectory(L.Callback):
             plot_loss_curve(self.rows, plots / "loss.png")
         if self.load_history:
             plot_expert_load(self.load_history, plots / "expert_load.png")
-
-
-def _held(p: torch.Tensor) -> torch.Tensor:
-    """The part of a parameter this rank stores: a DTensor's local slice, else the tensor."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -26,6 +26,7 @@ from .callbacks import RunDirectory, StepProgressBar
 from .checkpoint_files import Checkpointer, resolve_resume
 from . import faults
 from .launch import slurm, sweep
+from ..strategies.zero import describe_stage
 from .schema import register_configs
 from .validate import validate, validate_devices
 
@@ -62,9 +63,11 @@ def run(cfg: DictConfig) -> RunDirectory:
     model = build_model(cfg.model, cfg.seed, device="meta")  # weights materialise per rank in the strategy
     task = LanguageModelTask(model, cfg.optimizer, t.max_steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     task.seed = cfg.seed
-    strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all")
+    strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all",
+                                       activation_checkpointing=cfg.model.activation_checkpointing)
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
-    layout = {"strategy": cfg.strategy.name, "mesh": dims.as_dict(), "layout": dims.describe(num_experts)}
+    layout = {"strategy": cfg.strategy.name, "mesh": dims.as_dict(), "zero_stage": cfg.strategy.zero_stage,
+              "layout": describe_stage(dims.describe(num_experts), cfg.strategy.zero_stage)}
     run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps)
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)

@@ -14,7 +14,10 @@ import torch
 from ..strategies.mesh import ParallelDims
 from .errors import ConfigError
 
-STRATEGIES = ("single", "ddp", "expert", "hybrid", "tensor")
+STRATEGIES = ("single", "ddp", "expert", "hybrid", "fsdp", "tensor")
+ZERO_STAGES = (0, 1, 2, 3)
+REDUCE_DTYPES = ("float32", "bfloat16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -34,6 +37,10 @@ def validate_model(m) -> None:
     _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
              f"model.d_model={m.d_model} is not divisible into model.n_heads={m.n_heads} heads of even width: "
              f"attention splits the width evenly and rotary positions rotate pairs. Choose d_model a multiple of 2 * n_heads.")
+    _require(m.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+             f"model.activation_checkpointing={m.activation_checkpointing!r} is not a checkpointing mode: blocks keep "
+             f"their activations (none), recompute them all in backward (full), or every other one (selective). "
+             f"Use one of {', '.join(ACTIVATION_CHECKPOINTING)}.")
     for key in ("n_layers", "n_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1. Set a positive value.")
     moe = m.moe
@@ -118,6 +125,7 @@ def validate_strategy(cfg) -> ParallelDims:
         dims.validate_experts(cfg.model.moe.num_experts)
     if dims.tp > 1:
         validate_tensor_parallel(cfg, dims.tp)
+    validate_zero(cfg, dims)
     _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
     _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
     return dims
@@ -146,9 +154,45 @@ def validate_tensor_parallel(cfg, tp: int) -> None:
              f"data.seq_len={cfg.data.seq_len} is not divisible by strategy.mesh.tp={tp}: with "
              f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
              f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
-    _require(not cfg.strategy.shard_optimizer,
-             f"strategy.shard_optimizer=true with strategy.mesh.tp={tp}: ZeRO-1's whole-parameter partition does not "
-             f"handle tp-sharded (DTensor) parameters yet. Set strategy.shard_optimizer=false, or strategy.mesh.tp=1.")
+    stage = cfg.strategy.zero_stage
+    _require(stage != 1,
+             f"strategy.zero_stage=1 with strategy.mesh.tp={tp}: ZeRO-1's whole-parameter partition does not handle "
+             f"tp-sharded (DTensor) parameters. Use strategy.zero_stage=2 or 3 (FSDP2 composes with tp), 0, or "
+             f"strategy.mesh.tp=1.")
+    _require(stage < 2 or moe is None,
+             f"strategy.zero_stage={stage} with strategy.mesh.tp={tp} and an MoE model: FSDP2 would reduce the router "
+             f"and expert gradients over the data ranks only, but under tp they are partial sums that must also be "
+             f"summed over tp (strategies/tensor_parallel.py). Use strategy.zero_stage=0 with tp for MoE models, or "
+             f"strategy.mesh.tp=1.")
+
+
+def validate_zero(cfg, dims: ParallelDims) -> None:
+    """strategy.zero_stage: 0-3, only with data ranks to shard over; FSDP2's even-sharding need for experts."""
+    s = cfg.strategy
+    _require(s.get("shard_optimizer") is None,
+             f"strategy.shard_optimizer={s.shard_optimizer} was removed: one key, strategy.zero_stage, now says what is "
+             f"sharded. Use strategy.zero_stage=1 (optimizer state sharded; 2 adds gradients, 3 parameters) and "
+             f"drop strategy.shard_optimizer.")
+    stage = s.zero_stage
+    _require(stage in ZERO_STAGES and not isinstance(stage, bool),
+             f"strategy.zero_stage={stage!r} is not a ZeRO stage: 0 replicates everything, 1 shards optimizer state, "
+             f"2 also gradients, 3 also parameters. Use 0, 1, 2 or 3.")
+    _require(stage == 0 or dims.world_size > 1,
+             f"strategy.zero_stage={stage} (strategy={s.name}) shards over data-parallel ranks, but "
+             f"trainer.devices * trainer.num_nodes = 1: there is nothing to shard over. Use strategy.zero_stage=0 "
+             f"on one process, or e.g. strategy=fsdp trainer.devices=2.")
+    _require(s.reduce_dtype in REDUCE_DTYPES,
+             f"strategy.reduce_dtype={s.reduce_dtype!r} is not a reduce dtype: ZeRO-2/3 reduce-scatter gradients in "
+             f"float32 or bfloat16. Use one of {', '.join(REDUCE_DTYPES)}.")
+    moe = cfg.model.moe
+    if stage >= 2 and moe is not None and dims.dp > 1:
+        # Expert stacks (E_local, d, h) / (E_local, h, d) are sharded on dim 1 over dp (strategies/fsdp.py).
+        hidden = moe.expert_ffn_dim or cfg.model.ffn_dim
+        for key, width in (("model.d_model", cfg.model.d_model), ("model.moe.expert_ffn_dim", hidden)):
+            _require(width % dims.dp == 0,
+                     f"{key}={width} is not divisible by strategy.mesh.dp={dims.dp}: under strategy.zero_stage={stage} "
+                     f"each expert's matrices are split evenly over the dp ranks that hold it. Use a multiple of "
+                     f"{dims.dp}, or strategy.zero_stage=1.")
 
 
 def validate_cluster(cfg, submitting: bool = False) -> None:
