@@ -69,7 +69,7 @@ def _clip_single(model):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
 
 
-def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel):
+def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel, zero_stage=0):
     from paratrain.strategies.grad_norm import clip_grad_norm_
     from paratrain.strategies.grad_sync import GradientSync
     from paratrain.strategies.layout import apply_layout
@@ -81,7 +81,8 @@ def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel):
     dims = ParallelDims(dp=dp, ep=ep, tp=tp, world_size=world_size)
     mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, SEED, device="meta")
-    sync = GradientSync(apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel=sequence_parallel), bucket_size_mb=0.01)
+    sync = GradientSync(apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel=sequence_parallel,
+                                     zero_stage=zero_stage), bucket_size_mb=0.01)
     local = BATCH // dims.data_ranks
     data_rank = dims.data_rank(rank)
     rows = slice(data_rank * local, (data_rank + 1) * local)
@@ -97,22 +98,23 @@ def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel):
     return [float(v) for v in losses], whole, local_bytes
 
 
-LAYOUTS = {  # name: (cfg kwargs, dp, ep, tp, sequence_parallel)
+LAYOUTS = {  # name: (cfg kwargs, dp, ep, tp, sequence_parallel[, zero_stage])
     "dense-tp2-sp": ({}, 1, 1, 2, True),
     "dense-tp2": ({}, 1, 1, 2, False),
     "dense-dp2xtp2": ({}, 2, 1, 2, True),
     "moe-tp2": ({"moe": True}, 1, 1, 2, True),
     "moe-tp2-shared-capacity-nosp": ({"moe": True, "num_shared_experts": 1, "capacity_factor": 1.0}, 1, 1, 2, False),
     "moe-ep2xtp2-shared": ({"moe": True, "num_shared_experts": 1}, 1, 2, 2, True),
+    "dense-dp2xtp2-zero3": ({}, 2, 1, 2, True, 3),  # FSDP2 over dp on top of the tp plan
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_tp_gradients_equal_single_process(name):
-    cfg_kwargs, dp, ep, tp, sp = LAYOUTS[name]
+    cfg_kwargs, dp, ep, tp, sp, *zero_stage = LAYOUTS[name]
     cfg = model_cfg(**cfg_kwargs)
     ref_losses, ref_grads = reference(cfg)
-    results = run_on_ranks(laid_out, dp * ep * tp, cfg, dp, ep, tp, sp, timeout_s=180)
+    results = run_on_ranks(laid_out, dp * ep * tp, cfg, dp, ep, tp, sp, *zero_stage, timeout_s=180)
     # Each rank's loss is the mean over its data rank's slice (equal slices): their mean is the global one.
     mean_losses = [sum(r[0][step] for r in results) / len(results) for step in range(STEPS)]
     assert mean_losses == pytest.approx(ref_losses, rel=1e-5), (mean_losses, ref_losses)
