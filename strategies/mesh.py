@@ -187,6 +187,8 @@ def _resolve(requested: Dict[str, int], world_size: int) -> Dict[str, int]:
 
     fixed = {axis: degree for axis, degree in requested.items() if degree != INFER}
     fixed_product = math.prod(fixed.values())
+    # Messages name dp and ep always, a later axis (tp) only when it is set: tp=1 is the default.
+    fixed = {axis: degree for axis, degree in fixed.items() if axis in ("dp", "ep") or degree != 1}
     fixed_text = " x ".join(f"{_key(axis)}={degree}" for axis, degree in fixed.items())
 
     if inferred:
