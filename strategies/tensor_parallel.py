@@ -74,17 +74,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         if sequence_parallel:
             plan["attn_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
-            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
-                                              use_local_output=True)
+        # The block's input as one Replicate DTensor shared by q/k/v (w1/w3): their input gradients
+        # add up as a partial sum and cost one reduce-scatter (SP) or all-reduce, not one each.
+        plan["attn"] = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
         if isinstance(block.ffn, MoE):
             plan["ffn"] = ExpertsReplicatedOverTP(residual)
             if block.ffn.shared is not None:
                 plan["ffn.shared"] = _PartialGradInput()
                 plan.update(_swiglu("ffn.shared", Partial()))
         else:
-            if sequence_parallel:
-                plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                                 use_local_output=True)
+            plan["ffn"] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
             plan.update(_swiglu("ffn", residual))
         parallelize_module(block, tp_mesh, plan)
         # The model computes the heads of its slice (torchtitan's n_local_heads).
