@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from benchlib import bench_env, load_note
 
 SEQ_LEN = 128
@@ -50,35 +52,28 @@ VARIANTS = {  # name: (devices, recipe, kind, dp, tp)
 QUICK = ["dense-tp1", "dense-tp2", "dense-tp2-lightning"]
 
 
-class CommCounter:
-    """A TorchDispatchMode that adds up the functional collectives (DTensor's) of a region, as ring bytes."""
+class CommCounter(TorchDispatchMode):
+    """Adds up the functional collectives (DTensor's) issued inside it, as the bytes a ring sends from this rank."""
 
-    def __new__(cls, tp):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    RING = {"all_gather_into_tensor": ("all_gather", lambda n, tp: (tp - 1) * n),
+            "reduce_scatter_tensor": ("reduce_scatter", lambda n, tp: (tp - 1) * n // tp),
+            "all_reduce": ("all_reduce", lambda n, tp: 2 * (tp - 1) * n // tp)}
 
-        class _Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-                self.calls = {k: 0 for k in self.bytes}
+    def __init__(self, tp: int):
+        super().__init__()
+        self.tp = tp
+        self.bytes = {kind: 0 for kind, _ in self.RING.values()}
+        self.calls = dict.fromkeys(self.bytes, 0)
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.__name__ if hasattr(func, "__name__") else str(func)
-                packet = str(func)
-                nbytes = args[0].numel() * args[0].element_size() if args and hasattr(args[0], "numel") else 0
-                if "_c10d_functional" in packet:
-                    if "all_gather_into_tensor" in name:
-                        self.bytes["all_gather"] += (tp - 1) * nbytes
-                        self.calls["all_gather"] += 1
-                    elif "reduce_scatter_tensor" in name:
-                        self.bytes["reduce_scatter"] += (tp - 1) * nbytes // tp
-                        self.calls["reduce_scatter"] += 1
-                    elif "all_reduce" in name:
-                        self.bytes["all_reduce"] += 2 * (tp - 1) * nbytes // tp
-                        self.calls["all_reduce"] += 1
-                return func(*args, **(kwargs or {}))
-
-        return _Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = str(func)  # e.g. "_c10d_functional.all_gather_into_tensor.default"
+        if op.startswith("_c10d_functional."):
+            entry = self.RING.get(op.split(".")[1])
+            if entry is not None:
+                kind, ring = entry
+                self.bytes[kind] += ring(args[0].numel() * args[0].element_size(), self.tp)
+                self.calls[kind] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def worker(args) -> None:
