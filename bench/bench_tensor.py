@@ -21,8 +21,10 @@ and backward; our gradient all-reduce is counted separately by GradientSync), as
 algorithm sends from one rank: all-gather (tp-1) x input, reduce-scatter and all-reduce (tp-1)/tp and
 2(tp-1)/tp x input. The analytic count for the plan: per block 4 all-gathers of A/tp and 4
 reduce-scatters of A with sequence parallel (A = local tokens x d_model x 4 bytes), i.e.
-8 (tp-1)/tp A per block, plus the embedding and the head (4 (tp-1)/tp A) and loss_parallel's
-per-token all-reduces (3 of B x T x 4 bytes).
+8 (tp-1)/tp A per block, plus the embedding and the head (4 (tp-1)/tp A). loss_parallel's per-token
+all-reduces (3 of B x T x 4 bytes) go through plain c10d, not functional collectives: not counted.
+Measured once (loaded 2-core machine, --quick --steps 6): dense tp=2 9.437 MB/step = analytic 9.437 MB;
+18 all-gathers + 18 reduce-scatters per step; ours and Lightning's identical collectives and losses.
 Target (DESIGN.md): ours / lightning step time <= 1.0.
 """
 
@@ -160,7 +162,7 @@ def worker(args) -> None:
         a_bytes = local_tokens * d * 4
         ring = (tp - 1) / tp if tp > 1 else 0
         analytic_blocks = cfg.model.n_layers * 8 * ring * a_bytes
-        analytic = analytic_blocks + 4 * ring * a_bytes + 3 * 2 * ring * local_tokens * 4
+        analytic = analytic_blocks + 4 * ring * a_bytes  # loss_parallel's small all-reduces: not functional, not counted
         with open(args.out, "w") as f:
             json.dump({"median_step_s": statistics.median(steps), "world_size": trainer.world_size,
                        "local_batch": seen["local_batch"], "last_loss": seen["last_loss"],
