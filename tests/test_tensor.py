@@ -304,3 +304,14 @@ def test_bad_tensor_parallel_config_exits_2_and_starts_nothing(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(r"model\.vocab_size=257 is not divisible by strategy\.mesh\.tp=2", done.stderr)
     assert "Traceback" not in done.stderr and "distributed_backend" not in done.stderr + done.stdout
+
+
+def test_train_dp2_x_tp2_zero3_reproduces_single(tmp_path):
+    """tp composed with FSDP2 (ZeRO-3 over the data ranks of each tp slice), through the real command."""
+    single = run_ok(TINY, tmp_path / "single")
+    laid_out = run_ok([*TINY, "strategy=tensor", "strategy.mesh.dp=2", "strategy.mesh.tp=2", "strategy.zero_stage=3",
+                       "trainer.devices=4"], tmp_path / "dp2xtp2-zero3")
+    assert train_losses(laid_out) == pytest.approx(train_losses(single), rel=1e-5)
+    s = summary(laid_out)
+    assert s["layout"] == "dp=2 x ep=1 x tp=2 over 4 processes; ZeRO-3"
+    assert s["params_per_rank"] < summary(single)["params_total"] / 3  # ~1/4: sharded over tp and dp
