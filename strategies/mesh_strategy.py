@@ -70,7 +70,7 @@ class MeshStrategy(ModelParallelStrategy):
             activation_checkpointing=self.activation_checkpointing,
             mp_policy=mixed_precision_policy(precision, self.reduce_dtype))
         if self.reduction_groups:
-            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
