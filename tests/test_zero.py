@@ -52,6 +52,7 @@ def compose_run():
      r"strategy\.shard_optimizer=True was removed.*Use strategy\.zero_stage=1"),
     (["model.activation_checkpointing=some"], r"model\.activation_checkpointing='some' is not a checkpointing mode.*none, full, selective"),
     (["strategy=fsdp", "trainer.devices=2", "strategy.reduce_dtype=float16"], r"strategy\.reduce_dtype='float16'.*float32, bfloat16"),
+    (["strategy=fsdp", "trainer.devices=2", "trainer.precision=bf16-true"], r"trainer\.precision=bf16-true with strategy\.zero_stage=3.*Use trainer\.precision=bf16-mixed"),
     (["+recipe=moe_8x", "strategy=fsdp", "trainer.devices=4", "model.d_model=66", "model.n_heads=1"],
      r"model\.d_model=66 is not divisible by strategy\.mesh\.dp=4.*split evenly over the dp ranks"),
 ])
