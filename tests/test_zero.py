@@ -129,13 +129,17 @@ def zero_grads(rank, world_size, cfg, cases):
     from paratrain.strategies.layout import apply_layout
     from paratrain.strategies.mesh import ParallelDims, build_mesh
 
+    from paratrain.trainer.models.moe import GroupedExperts
+
     out = []
-    for dp, ep, stage, ac in cases:
+    for dp, ep, stage, ac, *trap in cases:
         dims = ParallelDims(dp=dp, ep=ep, world_size=world_size)
         model = build_model(cfg, SEED, device="meta")
         groups = apply_layout(model, dims, build_mesh(dims, "cpu"), SEED, torch.device("cpu"), zero_stage=stage,
                               activation_checkpointing=ac)
         assert groups == [], "FSDP reduces the gradients: no all-reduce groups"
+        for experts in (m for m in model.modules() if isinstance(m, GroupedExperts) and trap):
+            experts.set_gradient_divide_factor(float(dp))  # FSDP's default over the dp group: the trap
         x, y = global_batch()
         local = x.shape[0] // world_size
         loss_of(model, x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]).backward()
@@ -150,10 +154,12 @@ def zero_grads(rank, world_size, cfg, cases):
 
 def assert_grads_equal(results, ref, cases):
     for rank, per_case in enumerate(results):
-        for (dp, ep, stage, ac), grads in zip(cases, per_case):
+        for (dp, ep, stage, ac, *trap), grads in zip(cases, per_case):
             assert grads.keys() == ref.keys()
             for name, (grad, offset) in grads.items():
                 expected = ref[name] if offset is None or ep == 1 else ref[name][offset:offset + grad.shape[0]]
+                if trap and offset is not None:
+                    expected = expected * ep  # what the test would see had we kept FSDP's / dp
                 torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6,
                                            msg=f"rank {rank} dp={dp} ep={ep} ZeRO-{stage} ac={ac}: {name}")
 
@@ -167,7 +173,8 @@ def test_zero_gradients_on_two_ranks_equal_single_process():
 def test_hybrid_zero3_gradients_with_capacity_equal_single_process():
     """dp=2 x ep=2: dense sharded over 4 ranks, each expert shard over its dp pair, divided by 4, not 2."""
     cfg = model_cfg(capacity_factor=1.25)
-    cases = [(2, 2, 3, "none"), (2, 2, 2, "full")]
+    # The last case divides expert gradients by dp, as FSDP does by default: they come out ep = 2x.
+    cases = [(2, 2, 3, "none"), (2, 2, 2, "full"), (2, 2, 3, "none", "divide by dp")]
     assert_grads_equal(run_on_ranks(zero_grads, 4, cfg, cases, timeout_s=240), reference_grads(cfg), cases)
 
 
