@@ -23,7 +23,10 @@ multiplied by 1/W:
 How a step runs
 ---------------
 Parameters of each group are packed into flat buckets of about `bucket_size_mb`, in reverse
-registration order (a fair guess at the order backward produces gradients). A
+registration order (a fair guess at the order backward produces gradients). The first bucket of a
+group may be smaller (`first_bucket_mb`, 1 MiB from MeshStrategy, as torch DDP does): with one
+25 MiB bucket a small model's only all-reduce would start after the whole backward, overlapping
+nothing. A
 post-accumulate-grad hook on every parameter copies its gradient, scaled, into its bucket; when a
 bucket is complete its all-reduce starts at once (async) and overlaps the rest of backward.
 `finish()` (before clipping and the optimizer step) starts whatever is left, waits, and points
@@ -187,16 +190,19 @@ class _Chain:
         self.next = 0
 
 
-def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int) -> Iterator[List[torch.nn.Parameter]]:
-    """Consecutive runs of params of at most bucket_bytes (a bigger param gets its own bucket)."""
+def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int,
+          first_bytes: Optional[int] = None) -> Iterator[List[torch.nn.Parameter]]:
+    """Consecutive runs of params of at most bucket_bytes (a bigger param gets its own bucket);
+    the first run at most `first_bytes`, so that its all-reduce starts early in backward."""
     bucket: List[torch.nn.Parameter] = []
     size = 0
+    limit = min(bucket_bytes, first_bytes or bucket_bytes)
     for p in params:
         nbytes = p.numel() * p.element_size()
         compatible = not bucket or (p.dtype, p.device) == (bucket[0].dtype, bucket[0].device)
-        if bucket and (size + nbytes > bucket_bytes or not compatible):
+        if bucket and (size + nbytes > limit or not compatible):
             yield bucket
-            bucket, size = [], 0
+            bucket, size, limit = [], 0, bucket_bytes
         bucket.append(p)
         size += nbytes
     if bucket:
@@ -224,6 +230,7 @@ class GradientSync:
         groups: Sequence[ReductionGroup | Tuple],
         bucket_size_mb: float = 25.0,
         record_events: bool = False,
+        first_bucket_mb: Optional[float] = None,
     ) -> None:
         if not isinstance(bucket_size_mb, (int, float)) or not bucket_size_mb > 0:
             raise ConfigError(
@@ -251,6 +258,7 @@ class GradientSync:
         self._bytes = 0
 
         bucket_bytes = int(bucket_size_mb * 2**20)
+        first_bytes = int(first_bucket_mb * 2**20) if first_bucket_mb else None
         seen = set()
         for spec in groups:
             params, group, scale, *rest = spec
@@ -267,7 +275,7 @@ class GradientSync:
             else:
                 group_size = 1
             chain = self._chains.setdefault(group, _Chain())
-            for bucket_params in _pack(params[::-1], bucket_bytes):
+            for bucket_params in _pack(params[::-1], bucket_bytes, first_bytes):
                 bucket = _Bucket(len(self.buckets), bucket_params, group, group_size, float(scale))
                 self.buckets.append(bucket)
                 chain.buckets.append(bucket)

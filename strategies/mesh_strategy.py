@@ -80,7 +80,7 @@ class MeshStrategy(ModelParallelStrategy):
         if self.dims.tp > 1:
             module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
-            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)

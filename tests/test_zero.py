@@ -52,6 +52,7 @@ def compose_run():
      r"strategy\.shard_optimizer=True was removed.*Use strategy\.zero_stage=1"),
     (["model.activation_checkpointing=some"], r"model\.activation_checkpointing='some' is not a checkpointing mode.*none, full, selective"),
     (["strategy=fsdp", "trainer.devices=2", "strategy.reduce_dtype=float16"], r"strategy\.reduce_dtype='float16'.*float32, bfloat16"),
+    (["strategy=fsdp", "trainer.devices=2", "trainer.precision=bf16-true"], r"trainer\.precision=bf16-true with strategy\.zero_stage=3.*Use trainer\.precision=bf16-mixed"),
     (["+recipe=moe_8x", "strategy=fsdp", "trainer.devices=4", "model.d_model=66", "model.n_heads=1"],
      r"model\.d_model=66 is not divisible by strategy\.mesh\.dp=4.*split evenly over the dp ranks"),
 ])
@@ -128,13 +129,17 @@ def zero_grads(rank, world_size, cfg, cases):
     from paratrain.strategies.layout import apply_layout
     from paratrain.strategies.mesh import ParallelDims, build_mesh
 
+    from paratrain.trainer.models.moe import GroupedExperts
+
     out = []
-    for dp, ep, stage, ac in cases:
+    for dp, ep, stage, ac, *trap in cases:
         dims = ParallelDims(dp=dp, ep=ep, world_size=world_size)
         model = build_model(cfg, SEED, device="meta")
         groups = apply_layout(model, dims, build_mesh(dims, "cpu"), SEED, torch.device("cpu"), zero_stage=stage,
                               activation_checkpointing=ac)
         assert groups == [], "FSDP reduces the gradients: no all-reduce groups"
+        for experts in (m for m in model.modules() if isinstance(m, GroupedExperts) and trap):
+            experts.set_gradient_divide_factor(float(dp))  # FSDP's default over the dp group: the trap
         x, y = global_batch()
         local = x.shape[0] // world_size
         loss_of(model, x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]).backward()
@@ -149,10 +154,12 @@ def zero_grads(rank, world_size, cfg, cases):
 
 def assert_grads_equal(results, ref, cases):
     for rank, per_case in enumerate(results):
-        for (dp, ep, stage, ac), grads in zip(cases, per_case):
+        for (dp, ep, stage, ac, *trap), grads in zip(cases, per_case):
             assert grads.keys() == ref.keys()
             for name, (grad, offset) in grads.items():
                 expected = ref[name] if offset is None or ep == 1 else ref[name][offset:offset + grad.shape[0]]
+                if trap and offset is not None:
+                    expected = expected * ep  # what the test would see had we kept FSDP's / dp
                 torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6,
                                            msg=f"rank {rank} dp={dp} ep={ep} ZeRO-{stage} ac={ac}: {name}")
 
@@ -166,7 +173,8 @@ def test_zero_gradients_on_two_ranks_equal_single_process():
 def test_hybrid_zero3_gradients_with_capacity_equal_single_process():
     """dp=2 x ep=2: dense sharded over 4 ranks, each expert shard over its dp pair, divided by 4, not 2."""
     cfg = model_cfg(capacity_factor=1.25)
-    cases = [(2, 2, 3, "none"), (2, 2, 2, "full")]
+    # The last case divides expert gradients by dp, as FSDP does by default: they come out ep = 2x.
+    cases = [(2, 2, 3, "none"), (2, 2, 2, "full"), (2, 2, 3, "none", "divide by dp")]
     assert_grads_equal(run_on_ranks(zero_grads, 4, cfg, cases, timeout_s=240), reference_grads(cfg), cases)
 
 
@@ -248,11 +256,12 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("name,base,layout,atol", [
     ("dense-zero2", TINY, [*DDP2, "strategy.zero_stage=2"], 1e-5),
     ("dense-zero3-accum", [*TINY, "trainer.accumulate_grad_batches=2"], ["strategy=fsdp", "trainer.devices=2"], 1e-5),
-    ("moe-zero3-ac", [*TINY_MOE, "model.activation_checkpointing=full"], ["strategy=fsdp", "trainer.devices=2"], 1e-4),
     ("hybrid-zero3-capacity", [*TINY_MOE, "model.moe.capacity_factor=1.25"], [*HYBRID, "strategy.zero_stage=3"], 1e-4),
 ])
 def test_train_under_zero_reproduces_single(name, base, layout, atol, single, tmp_path):
-    """Clipping (trainer.gradient_clip_val=1.0) is on in every run: the global norm across shards."""
+    """Clipping (trainer.gradient_clip_val=1.0) is on in every run: the global norm across shards.
+
+    MoE on ddp=2 under ZeRO-3 with activation checkpointing: the `ckpt_runs` fixture below."""
     run_dir = tmp_path / name
     done = run_ok([*base, *layout], run_dir)
     ref = single(base)
@@ -282,13 +291,24 @@ def test_bf16_mixed_under_zero3_trains_close_to_fp32(single, tmp_path):
     assert final_weights(run_dir)["model.head.weight"].dtype == torch.float32
 
 
+# Checkpoints. The schedule depends on the step only (warm-up 8, then constant), so the first 6
+# steps of a 12-step run are a 6-step run, and a resumed run follows the straight one.
+ZERO3_AC = ["strategy=fsdp", "trainer.devices=2", "model.activation_checkpointing=full"]
+
+
 @pytest.fixture(scope="module")
 def ckpt_runs(tmp_path_factory):
-    """12 straight steps on one process; 6 steps under ZeRO-3 on ddp=2 (never modified)."""
+    """12 straight steps on one process; 6 steps of MoE under ZeRO-3 + checkpointing on 2 (never modified)."""
     root = tmp_path_factory.mktemp("zero-ckpt")
     run_ok([*CKPT, "trainer.max_steps=12"], root / "straight")
-    run_ok([*CKPT, "trainer.max_steps=6", "strategy=fsdp", "trainer.devices=2"], root / "zero3")
+    run_ok([*CKPT, "trainer.max_steps=6", *ZERO3_AC], root / "zero3")
     return root
+
+
+def test_moe_zero3_with_checkpointing_reproduces_single(ckpt_runs):
+    assert train_losses(ckpt_runs / "zero3") == pytest.approx(train_losses(ckpt_runs / "straight")[:6], rel=1e-5)
+    s = summary(ckpt_runs / "zero3")
+    assert s["layout"] == "dp=2 x ep=1 over 2 processes; ZeRO-3; 4 experts per rank"
 
 
 def test_zero3_checkpoint_holds_dtensor_shards_by_name_and_global_expert(ckpt_runs):
@@ -300,39 +320,37 @@ def test_zero3_checkpoint_holds_dtensor_shards_by_name_and_global_expert(ckpt_ru
     assert sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # each rank its shard
 
 
-@pytest.mark.parametrize("then,rel", [
-    pytest.param(["strategy=fsdp", "trainer.devices=2"], 0, id="zero3-same-layout-bitwise"),
-    pytest.param([], 1e-5, id="zero3-to-single"),
-    pytest.param([*HYBRID, "strategy.zero_stage=3"], 1e-5, id="zero3-to-hybrid-zero3"),
-    pytest.param(["strategy=expert", "trainer.devices=2"], 1e-5, id="zero3-to-expert"),
-])
-def test_zero3_checkpoint_resumes_on_any_layout(then, rel, ckpt_runs, tmp_path):
+def resume(run_dir, steps, layout):
+    run_ok([*CKPT, f"trainer.max_steps={steps}", "resume=auto", *layout], run_dir)
+
+
+def test_zero3_resume_under_the_same_layout_is_bitwise(ckpt_runs, tmp_path):
     import shutil
 
+    straight = tmp_path / "straight-zero3"
+    run_ok([*CKPT, "trainer.max_steps=12", *ZERO3_AC], straight)
     run_dir = shutil.copytree(ckpt_runs / "zero3", tmp_path / "run")
-    run_ok([*CKPT, "trainer.max_steps=12", "resume=auto", *then], run_dir)
-    straight = train_losses(ckpt_runs / "straight")
-    got = train_losses(run_dir)
-    assert len(got) == 12 and got[:6] == pytest.approx(straight[:6], rel=1e-5)
-    if rel == 0:  # same layout: the resumed steps are those the checkpoint's layout computes, bit for bit
-        assert got[6:] == train_losses(_straight_zero3(ckpt_runs))[6:]
-    else:
-        assert got[6:] == pytest.approx(straight[6:], rel=rel), (got, straight)
+    resume(run_dir, 12, ZERO3_AC)
+    assert train_losses(run_dir) == train_losses(straight)
+    assert final_weights(run_dir).keys() == final_weights(straight).keys()
+    for key, tensor in final_weights(run_dir).items():
+        assert torch.equal(tensor, final_weights(straight)[key]), key
     assert summary(run_dir)["resumed_from_step"] == 6
 
 
-def _straight_zero3(root):
-    path = root / "zero3-straight"
-    if not path.exists():
-        run_ok([*CKPT, "trainer.max_steps=12", "strategy=fsdp", "trainer.devices=2"], path)
-    return path
+@pytest.mark.parametrize("legs", [
+    pytest.param([[], [*HYBRID, "strategy.zero_stage=3"]], id="zero3-single-hybrid_zero3"),
+    pytest.param([["strategy=expert", "trainer.devices=2"], ["strategy=fsdp", "trainer.devices=2"]], id="zero3-expert-zero3"),
+])
+def test_zero3_checkpoint_reshards_and_back(legs, ckpt_runs, tmp_path):
+    """From the ZeRO-3 checkpoint of step 6 to steps 9 on the first layout, 12 on the second."""
+    import shutil
 
-
-def test_single_checkpoint_resumes_under_hybrid_zero3(ckpt_runs, tmp_path):
-    run_dir = tmp_path / "run"
-    run_ok([*CKPT, "trainer.max_steps=6"], run_dir)
-    run_ok([*CKPT, "trainer.max_steps=12", "resume=auto", *HYBRID, "strategy.zero_stage=3"], run_dir)
+    run_dir = shutil.copytree(ckpt_runs / "zero3", tmp_path / "run")
+    for steps, layout in zip((9, 12), legs):
+        resume(run_dir, steps, layout)
     assert train_losses(run_dir) == pytest.approx(train_losses(ckpt_runs / "straight"), rel=1e-5)
+    assert summary(run_dir)["resumed_from_step"] == 9
 
 
 def test_export_of_a_zero3_run_is_the_whole_model(ckpt_runs, tmp_path):

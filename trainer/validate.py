@@ -184,6 +184,10 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
     _require(s.reduce_dtype in REDUCE_DTYPES,
              f"strategy.reduce_dtype={s.reduce_dtype!r} is not a reduce dtype: ZeRO-2/3 reduce-scatter gradients in "
              f"float32 or bfloat16. Use one of {', '.join(REDUCE_DTYPES)}.")
+    _require(stage < 2 or cfg.trainer.precision != "bf16-true",
+             f"trainer.precision=bf16-true with strategy.zero_stage={stage}: FSDP2 keeps fp32 master shards and "
+             f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
+             f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
     moe = cfg.model.moe
     if stage >= 2 and moe is not None and dims.dp > 1:
         # Expert stacks (E_local, d, h) / (E_local, h, d) are sharded on dim 1 over dp (strategies/fsdp.py).
