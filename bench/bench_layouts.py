@@ -8,7 +8,7 @@ Runs the real `train` command once per layout, one after another, one thread per
   single        1 process
   ddp-2         2 processes, dp=2            expert-2      2 processes, ep=2
   ddp-4         4 processes, dp=4            expert-4      4 processes, ep=4
-  hybrid-4      4 processes, dp=2 x ep=2     hybrid-4-zero the same with strategy.shard_optimizer=true
+  hybrid-4      4 processes, dp=2 x ep=2     hybrid-4-zero the same with strategy.zero_stage=1
 
 Validation and intermediate checkpoints are pushed past the end (data.val_batches=1). Figures:
 tokens/s = median of metrics.csv `tokens_per_s` rows whose window starts at or after --warmup
@@ -43,7 +43,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "ddp-4": (4, ["strategy=ddp"]),
     "expert-4": (4, ["strategy=expert"]),
     "hybrid-4": (4, ["strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=2"]),
-    "hybrid-4-zero": (4, ["strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=2", "strategy.shard_optimizer=true"]),
+    "hybrid-4-zero": (4, ["strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=2", "strategy.zero_stage=1"]),
 }
 RATIOS = [  # tokens/s of a over b, at the same global batch
     ("expert-2", "single", "speed-up; ideal 2 on 2 free cores"),

@@ -23,7 +23,10 @@ multiplied by 1/W:
 How a step runs
 ---------------
 Parameters of each group are packed into flat buckets of about `bucket_size_mb`, in reverse
-registration order (a fair guess at the order backward produces gradients). A
+registration order (a fair guess at the order backward produces gradients). The first bucket of a
+group may be smaller (`first_bucket_mb`, 1 MiB from MeshStrategy, as torch DDP does): with one
+25 MiB bucket a small model's only all-reduce would start after the whole backward, overlapping
+nothing. A
 post-accumulate-grad hook on every parameter copies its gradient, scaled, into its bucket; when a
 bucket is complete its all-reduce starts at once (async) and overlaps the rest of backward.
 `finish()` (before clipping and the optimizer step) starts whatever is left, waits, and points
@@ -57,7 +60,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from paratrain.strategies.mesh import axis_size, dp_group, world_group
+from torch.distributed.tensor import DTensor
+
+from paratrain.strategies.mesh import axis_size, data_group, dp_group, expert_replica_group, world_group
 from paratrain.trainer.errors import ConfigError
 
 
@@ -75,17 +80,22 @@ def reduction_groups_for(
     params: Iterable[torch.nn.Parameter],
     expert_params: Iterable[torch.nn.Parameter],
     mesh: DeviceMesh,
+    tp_partial: Iterable[torch.nn.Parameter] = (),
 ) -> List[ReductionGroup]:
     """The reduction groups of a model laid out on `mesh` (see the scaling rule above).
 
     `params`: every parameter of the model in registration order (`model.parameters()`);
-    `expert_params`: the subset that are local expert shards. Frozen parameters are skipped.
+    `expert_params`: the subset that are local expert shards; `tp_partial`: under tp, the parameters
+    whose gradient on a tp rank is a partial sum (tensor_parallel.tp_partial_params). Frozen
+    parameters are skipped.
     """
     params = [p for p in params if p.requires_grad]
     expert_ids = {id(p) for p in expert_params}
     unknown = expert_ids - {id(p) for p in params}
     if unknown:
         raise ValueError(f"{len(unknown)} expert parameter(s) are not trainable model parameters")
+    if axis_size(mesh, "tp") > 1:
+        return _tensor_parallel_groups(params, expert_ids, {id(p) for p in tp_partial}, mesh)
     scale = 1.0 / mesh.size()
     if axis_size(mesh, "ep") == 1:
         # Experts are replicated like everything else: one group keeps the model's backward order.
@@ -99,6 +109,47 @@ def reduction_groups_for(
     return [g for g in groups if g.params]
 
 
+def _tensor_parallel_groups(params, expert_ids, partial_ids, mesh) -> List[ReductionGroup]:
+    """Under tp (strategies/tensor_parallel.py): the tp ranks of a data rank share its loss, so the
+    scale is 1/(dp x ep). Parameters whose tp ranks each hold the whole gradient of their piece
+    (tp slices; replicas fed every token) are summed over the data ranks; replicas fed 1/tp of the
+    tokens (`partial`) over the data ranks and tp; experts over the ranks holding the same shard."""
+    scale = axis_size(mesh, "tp") / mesh.size()
+    whole = [p for p in params if id(p) not in partial_ids]
+    partial = [p for p in params if id(p) in partial_ids and id(p) not in expert_ids]
+    experts = [p for p in params if id(p) in expert_ids]
+    if axis_size(mesh, "ep") == 1:
+        partial, experts = partial + experts, []  # experts' replicas are the whole world too
+    groups = [
+        ReductionGroup(whole, data_group(mesh), scale, "tp-whole"),
+        ReductionGroup(partial, world_group(mesh), scale, "tp-partial"),
+        ReductionGroup(experts, expert_replica_group(mesh), scale, "expert"),
+    ]
+    return [g for g in groups if g.params]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local slice (or partial sum), else itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """p.grad as this rank's piece of p. DTensor may hand back a Replicate gradient for a sharded
+    parameter (the embedding's): take this rank's slice of it (no communication). A Partial one
+    stays partial: the bucket's all-reduce sums it (see _tensor_parallel_groups)."""
+    g = p.grad
+    if isinstance(g, DTensor) and g.placements != p.placements and not any(pl.is_partial() for pl in g.placements):
+        g = g.redistribute(placements=p.placements)
+    return _local(g)
+
+
+def _as_grad(p: torch.nn.Parameter, view: torch.Tensor) -> torch.Tensor:
+    """The reduced local gradient in `p`'s form: a DTensor with p's placements for a DTensor p."""
+    if isinstance(p, DTensor):
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return view
+
+
 class _Bucket:
     """A flat buffer `[grad of params[0], ..., grad of params[-1], one flag per param]`."""
 
@@ -108,13 +159,14 @@ class _Bucket:
         self.group = group
         self.group_size = group_size
         self.scale = scale
-        numel = sum(p.numel() for p in params)
+        local = [_local(p) for p in params]
+        numel = sum(t.numel() for t in local)
         self.buffer = torch.zeros(numel + len(params), dtype=params[0].dtype, device=params[0].device)
         self.views: List[torch.Tensor] = []
         offset = 0
-        for p in params:
-            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for t in local:
+            self.views.append(self.buffer[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
         self.flags = self.buffer[numel:]
         """After the all-reduce: how many ranks had a gradient for each param (> 0 = any)."""
         self.reset()
@@ -138,16 +190,19 @@ class _Chain:
         self.next = 0
 
 
-def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int) -> Iterator[List[torch.nn.Parameter]]:
-    """Consecutive runs of params of at most bucket_bytes (a bigger param gets its own bucket)."""
+def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int,
+          first_bytes: Optional[int] = None) -> Iterator[List[torch.nn.Parameter]]:
+    """Consecutive runs of params of at most bucket_bytes (a bigger param gets its own bucket);
+    the first run at most `first_bytes`, so that its all-reduce starts early in backward."""
     bucket: List[torch.nn.Parameter] = []
     size = 0
+    limit = min(bucket_bytes, first_bytes or bucket_bytes)
     for p in params:
         nbytes = p.numel() * p.element_size()
         compatible = not bucket or (p.dtype, p.device) == (bucket[0].dtype, bucket[0].device)
-        if bucket and (size + nbytes > bucket_bytes or not compatible):
+        if bucket and (size + nbytes > limit or not compatible):
             yield bucket
-            bucket, size = [], 0
+            bucket, size, limit = [], 0, bucket_bytes
         bucket.append(p)
         size += nbytes
     if bucket:
@@ -175,6 +230,7 @@ class GradientSync:
         groups: Sequence[ReductionGroup | Tuple],
         bucket_size_mb: float = 25.0,
         record_events: bool = False,
+        first_bucket_mb: Optional[float] = None,
     ) -> None:
         if not isinstance(bucket_size_mb, (int, float)) or not bucket_size_mb > 0:
             raise ConfigError(
@@ -202,6 +258,7 @@ class GradientSync:
         self._bytes = 0
 
         bucket_bytes = int(bucket_size_mb * 2**20)
+        first_bytes = int(first_bucket_mb * 2**20) if first_bucket_mb else None
         seen = set()
         for spec in groups:
             params, group, scale, *rest = spec
@@ -218,7 +275,7 @@ class GradientSync:
             else:
                 group_size = 1
             chain = self._chains.setdefault(group, _Chain())
-            for bucket_params in _pack(params[::-1], bucket_bytes):
+            for bucket_params in _pack(params[::-1], bucket_bytes, first_bytes):
                 bucket = _Bucket(len(self.buckets), bucket_params, group, group_size, float(scale))
                 self.buckets.append(bucket)
                 chain.buckets.append(bucket)
@@ -251,7 +308,7 @@ class GradientSync:
                 )
             self._open_step()
             with torch.no_grad():
-                _scaled_copy(param.grad, bucket.views[slot], bucket.scale)
+                _scaled_copy(_local_grad(param), bucket.views[slot], bucket.scale)
             bucket.has_grad[slot] = True
             bucket.pending -= 1
             if self.record_events:
@@ -297,7 +354,7 @@ class GradientSync:
                 if bucket.has_grad[slot]:
                     continue
                 if p.grad is not None:
-                    _scaled_copy(p.grad, bucket.views[slot], bucket.scale)
+                    _scaled_copy(_local_grad(p), bucket.views[slot], bucket.scale)
                     bucket.has_grad[slot] = True
                 else:
                     bucket.views[slot].zero_()
@@ -323,7 +380,7 @@ class GradientSync:
             # One device-to-host read per bucket (not per parameter).
             any_rank_had_grad = (bucket.flags > 0).tolist()
             for p, view, present in zip(bucket.params, bucket.views, any_rank_had_grad):
-                p.grad = view if present else None
+                p.grad = _as_grad(p, view) if present else None
             bucket.reset()
         for chain in self._chains.values():
             chain.next = 0

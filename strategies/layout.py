@@ -7,29 +7,52 @@ Each parallel axis is one `apply_*` step in a file of its own; this function onl
 2. tensor-parallel plan         (tp)  - before experts, so the expert step sees the final module tree
 3. shard experts                (ep)  - on the meta device, so only this rank's experts are allocated
 4. materialise                        - seeded by name and expert index: equal to single-process weights
-5. attach token dispatch        (ep)  - needs the real, sharded expert parameters
+5. attach token dispatch        (ep)  - needs the real, sharded expert parameters; then (tp) each tp
+                                        rank's chunk of the tokens is what it dispatches
 6. activation checkpointing           - wraps finished blocks
 7. FSDP, or our gradient sync   (dp)  - last: it must see every parameter in its final form
 
-Steps 1, 2, 6 and FSDP join as those axes land; today's layouts run 3, 4, 5 and the gradient sync.
+Step 7 is FSDP2 for ZeRO-2/3 (strategies/fsdp.py: it reduce-scatters gradients itself, so there
+is no gradient sync to register) and our all-reduce for ZeRO-0/1 (strategies/grad_sync.py; ZeRO-1
+shards optimizer state on top of it, strategies/zero.py). Step 1 joins when that axis lands.
 """
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.distributed.tensor.experimental import implicit_replication
 
 from ..trainer.models.transformer import materialize
+from .activation_checkpointing import apply_activation_checkpointing
 from .expert_parallel import apply_expert_sharding, apply_token_dispatch, expert_params
+from .fsdp import apply_fsdp
 from .grad_sync import reduction_groups_for
-from .mesh import ParallelDims, ep_rank
+from .mesh import ParallelDims, ep_rank, tp_mesh
+from .tensor_parallel import apply_tensor_parallel, apply_tp_token_split, tp_partial_params
 
 
-def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: torch.device) -> list | None:
-    """Shard, materialise, attach dispatch; returns the gradient reduction groups (None on one process)."""
+def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: torch.device, zero_stage: int = 0,
+                 activation_checkpointing: str = "none", mp_policy=None, sequence_parallel: bool = True) -> list | None:
+    """Split over tp, shard experts, materialise, attach dispatch, checkpoint, then FSDP or gradient sync.
+
+    Returns the gradient reduction groups for our all-reduce: None on one process, [] under FSDP."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, tp_mesh(mesh), sequence_parallel)
     if dims.ep > 1:
         apply_expert_sharding(model, dims, ep_rank(mesh))
-    materialize(model, seed, device)
+    # Init draws each whole tensor from its name's seed; a DTensor parameter keeps its slice of it.
+    with implicit_replication() if dims.tp > 1 else nullcontext():
+        materialize(model, seed, device)
     if dims.ep > 1:
         apply_token_dispatch(model, mesh)
+    if dims.tp > 1:
+        apply_tp_token_split(model, tp_mesh(mesh))
+    apply_activation_checkpointing(model, activation_checkpointing)
     if dims.world_size == 1:
         return None
-    return reduction_groups_for(model.parameters(), expert_params(model), mesh)
+    if zero_stage >= 2:
+        apply_fsdp(model, mesh, zero_stage, mp_policy)
+        return []
+    return reduction_groups_for(model.parameters(), expert_params(model), mesh,
+                                tp_partial_params(model) if dims.tp > 1 else ())

@@ -11,12 +11,15 @@ Two halves, used at different times:
 
 Rank layout. Axes are listed outermost first and the last one is innermost:
 
-    rank = dp_index * ep + ep_index          # dp=2 x ep=2:  ep groups {0,1} {2,3}
-                                             #               dp groups {0,2} {1,3}
+    rank = (dp_index * ep + ep_index) * tp + tp_index     # dp=2 x ep=2:  ep groups {0,1} {2,3}
+                                                          #               dp groups {0,2} {1,3}
+                                                          # dp=2 x tp=2:  tp groups {0,1} {2,3}
 
-An ep group (ranks that exchange tokens and hold different expert shards) is therefore a run of
-contiguous ranks, which keeps the all-to-all inside a node whenever ep <= trainer.devices. A dp
-group holds ranks with the same expert shard: expert gradients are reduced over it.
+tp is innermost: a tp group (ranks that hold different slices of the same weight matrices and
+exchange activations in every block) is a run of contiguous ranks, inside a node. An ep group
+(ranks that exchange tokens and hold different expert shards) comes next. A dp group holds ranks
+with the same expert shard: expert gradients are reduced over it. The ranks of one tp group read
+the same slice of the global batch: the data ranks are the (dp, ep) coordinates (`data_rank`).
 
 A new axis (tp, pp) joins by adding a field with default 1 and its name to `AXES`, in layout order.
 """
@@ -57,8 +60,10 @@ class ParallelDims:
     """Expert-parallel degree (ranks the experts of one MoE layer are split over); -1 = infer."""
     world_size: int
     """Processes in the job: trainer.devices * trainer.num_nodes."""
+    tp: int = 1
+    """Tensor-parallel degree (ranks each weight matrix is split over); innermost; -1 = infer."""
 
-    AXES = ("dp", "ep")
+    AXES = ("dp", "ep", "tp")
     """Axis names in layout order, outermost first; the last axis holds contiguous ranks."""
 
     def __post_init__(self) -> None:
@@ -73,7 +78,7 @@ class ParallelDims:
     @classmethod
     def from_config(cls, mesh: Any, trainer: Any) -> "ParallelDims":
         """From the `strategy.mesh` and `trainer` config nodes."""
-        return cls(dp=mesh.dp, ep=mesh.ep, world_size=trainer.devices * trainer.num_nodes)
+        return cls(dp=mesh.dp, ep=mesh.ep, tp=mesh.tp, world_size=trainer.devices * trainer.num_nodes)
 
     # --- the axes, generically -------------------------------------------------------------
 
@@ -92,8 +97,18 @@ class ParallelDims:
         return getattr(self, axis)
 
     def as_dict(self) -> Dict[str, int]:
-        """{"dp": 2, "ep": 2}: what summary.json and logs record as the mesh."""
+        """{"dp": 2, "ep": 2, "tp": 1}: what summary.json and logs record as the mesh."""
         return dict(zip(self.AXES, self.degrees))
+
+    @property
+    def data_ranks(self) -> int:
+        """Ranks that read different slices of the global batch: dp x ep (tp ranks share one)."""
+        return self.dp * self.ep
+
+    def data_rank(self, rank: int) -> int:
+        """Which slice of the global batch `rank` reads: its (dp, ep) coordinate, row-major."""
+        coord = self.coordinate(rank)
+        return coord["dp"] * self.ep + coord["ep"]
 
     def coordinate(self, rank: int) -> Dict[str, int]:
         """This rank's index along every axis (row-major, the last axis innermost)."""
@@ -132,7 +147,9 @@ class ParallelDims:
 
     def describe(self, num_experts: Optional[int] = None) -> str:
         """One line for logs: "dp=2 x ep=2 over 4 processes; 4 experts per rank"."""
-        axes = " x ".join(f"{axis}={degree}" for axis, degree in zip(self.AXES, self.degrees))
+        # dp and ep always (the layouts users know); later axes only when they split something.
+        axes = " x ".join(f"{axis}={degree}" for axis, degree in zip(self.AXES, self.degrees)
+                          if axis in ("dp", "ep") or degree > 1)
         plural = "process" if self.world_size == 1 else "processes"
         text = f"{axes} over {self.world_size} {plural}"
         if num_experts is not None:
@@ -170,6 +187,8 @@ def _resolve(requested: Dict[str, int], world_size: int) -> Dict[str, int]:
 
     fixed = {axis: degree for axis, degree in requested.items() if degree != INFER}
     fixed_product = math.prod(fixed.values())
+    # Messages name dp and ep always, a later axis (tp) only when it is set: tp=1 is the default.
+    fixed = {axis: degree for axis, degree in fixed.items() if axis in ("dp", "ep") or degree != 1}
     fixed_text = " x ".join(f"{_key(axis)}={degree}" for axis, degree in fixed.items())
 
     if inferred:
@@ -213,7 +232,15 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
         )
     # init_device_mesh lays ranks out row-major over `degrees`, which is our rank layout, and
     # creates one process group per axis slice. A slice spanning the world reuses WORLD.
-    return init_device_mesh(device_type, dims.degrees, mesh_dim_names=dims.axis_names)
+    mesh = init_device_mesh(device_type, dims.degrees, mesh_dim_names=dims.axis_names)
+    if dims.ep > 1:
+        # The data ranks of this rank's tp slice, one axis (dense gradients are reduced over it, FSDP
+        # shards dense parameters over it). Flattened once, here, on every rank at the same time:
+        # it creates a process group.
+        mesh[("dp", "ep")]._flatten("data")
+    if dims.ep > 1 and dims.tp > 1:
+        mesh[("dp", "tp")]._flatten("expert_replicas")  # the ranks holding one expert shard
+    return mesh
 
 
 def axis_group(mesh: DeviceMesh, axis: str) -> dist.ProcessGroup:
@@ -245,7 +272,47 @@ def ep_rank(mesh: DeviceMesh) -> int:
     return axis_rank(mesh, "ep")
 
 
+def tp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh of this rank's tp group: DTensor parameters are placed on it."""
+    return mesh["tp"]
+
+
+def tp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """Ranks holding different slices of the same weight matrices; they read the same data."""
+    return axis_group(mesh, "tp")
+
+
+def data_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """Ranks that read different data and share this rank's tp coordinate (dp x ep).
+
+    Gradients of parameters sharded over tp are reduced here; the world when tp is 1."""
+    if axis_size(mesh, "tp") == 1:
+        return world_group(mesh)
+    return data_mesh(mesh).get_group()
+
+
+def expert_replica_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """Ranks holding the same expert shard (same ep coordinate): dp x tp."""
+    if axis_size(mesh, "tp") == 1:
+        return dp_group(mesh)
+    if axis_size(mesh, "ep") == 1:
+        return world_group(mesh)
+    return mesh["expert_replicas"].get_group()
+
+
 def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """Every rank of the mesh, which is every rank of the job: dense gradients are reduced here."""
     assert mesh.size() == dist.get_world_size(), "the mesh must cover the whole job"
     return dist.group.WORLD
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D sub-mesh along dp: FSDP shards each expert shard over it."""
+    return mesh["dp"]
+
+
+def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh over the data ranks of this rank's tp slice (dp x ep): FSDP shards dense parameters over it."""
+    if axis_size(mesh, "ep") == 1:
+        return mesh["dp"]
+    return mesh["data"]  # flattened in build_mesh

@@ -1,12 +1,13 @@
-"""`MeshStrategy`: one Lightning Strategy plugin for every layout over a {dp, ep} device mesh.
+"""`MeshStrategy`: one Lightning Strategy plugin for every layout over a {dp, ep, tp} device mesh.
 
-`single` is the mesh {1, 1}, `ddp` {N, 1}, `expert` {1, N}, `hybrid` {a, b}: the same code, so the
-four cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
+`single` is the mesh {1, 1, 1}, `ddp` {N, 1, 1}, `expert` {1, N, 1}, `hybrid` {a, b, 1}, `tensor`
+{1, 1, N} (or any product): the same code, so the layouts cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
 device) and lays it out in `setup()`: keep this rank's experts, materialise the weights, swap in
-the all-to-all dispatcher, and register our bucketed gradient synchronisation.
+the all-to-all dispatcher, checkpoint activations, and shard with FSDP2 (ZeRO-2/3) or register our
+bucketed gradient synchronisation (ZeRO-0/1).
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
@@ -14,29 +15,39 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from . import portable_state
 from .grad_sync import GradientSync
 from .grad_norm import clip_grad_norm_
+from .fsdp import mixed_precision_policy
 from .layout import apply_layout
 from .mesh import ParallelDims, build_mesh
-from .zero import OptimizerStateSharding
+from .tensor_parallel import parallel_cross_entropy
+from .zero import OptimizerStateSharding, describe_stage
 
 
 class MeshStrategy(ModelParallelStrategy):
-    """Lay a plain model out over the mesh {dp, ep}; gradients synced by our own all-reduce."""
+    """Lay a plain model out over the mesh {dp, ep}; ZeRO-0/1 synced by our all-reduce, ZeRO-2/3 by FSDP2."""
 
-    def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, shard_optimizer: bool = False,
-                 timeout_s: float = 600.0, process_group_backend: str | None = None):
+    def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, zero_stage: int = 0,
+                 reduce_dtype: str = "float32", activation_checkpointing: str = "none", timeout_s: float = 600.0,
+                 process_group_backend: str | None = None, shard_optimizer: bool | None = None,
+                 sequence_parallel: bool = True):
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
+        if shard_optimizer is not None:  # validate.py says the same before anything starts
+            raise ValueError("strategy.shard_optimizer was removed: use strategy.zero_stage=1")
         self.name = name
+        self.sequence_parallel = sequence_parallel
         self.mesh_degrees = dict(mesh or {"dp": 1, "ep": 1})
-        self.bucket_size_mb, self.shard_optimizer = bucket_size_mb, shard_optimizer
+        self.bucket_size_mb, self.zero_stage, self.reduce_dtype = bucket_size_mb, zero_stage, reduce_dtype
+        self.activation_checkpointing = activation_checkpointing
         self.dims: ParallelDims | None = None
         self.mesh = None  # DeviceMesh, built in setup_environment when world_size > 1
         self.grad_sync = None
-        self.reduction_groups = None  # [(params, process group, scale, name)] from the layout
-        self.zero = None  # OptimizerStateSharding when shard_optimizer
+        self.reduction_groups = None  # [(params, process group, scale, name)] from the layout; [] under FSDP
+        self.zero = None  # OptimizerStateSharding at ZeRO-1
         self._sync_blocked = False
 
     @property
@@ -45,8 +56,10 @@ class MeshStrategy(ModelParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict:
-        # Every rank reads its own slice of the global batch, whatever its mesh coordinates.
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # Every (dp, ep) coordinate reads its own slice of the global batch; its tp ranks share it.
+        if self.dims is None:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return {"num_replicas": self.dims.data_ranks, "rank": self.dims.data_rank(self.global_rank)}
 
     def setup_environment(self) -> None:
         Strategy.setup_environment(self)
@@ -58,9 +71,16 @@ class MeshStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device)
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        self.reduction_groups = apply_layout(
+            module.model, self.dims, self.mesh, module.seed, self.root_device, zero_stage=self.zero_stage,
+            activation_checkpointing=self.activation_checkpointing,
+            mp_policy=mixed_precision_policy(precision, self.reduce_dtype),
+            sequence_parallel=self.sequence_parallel)
+        if self.dims.tp > 1:
+            module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
-            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
@@ -72,7 +92,7 @@ class MeshStrategy(ModelParallelStrategy):
 
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)
-        if self.shard_optimizer and self.reduction_groups:
+        if self.zero_stage == 1 and self.reduction_groups:
             self.zero = OptimizerStateSharding(self.reduction_groups)
             for optimizer in self.optimizers:
                 self.zero.shard(optimizer)
@@ -84,18 +104,32 @@ class MeshStrategy(ModelParallelStrategy):
         return output
 
     def describe(self) -> str:
-        moe = [m for m in self.lightning_module.model.moe_layers()]
-        return self.dims.describe(moe[0].experts.num_experts if moe else None)
+        model = self.lightning_module.model
+        moe = [m for m in model.moe_layers()]
+        held = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        mib = sum(t.numel() * t.element_size() for t in held) / 2**20
+        layout = describe_stage(self.dims.describe(moe[0].experts.num_experts if moe else None), self.zero_stage)
+        return f"{layout}; {mib:.2f} MiB of parameters on rank 0"
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # The vocab-parallel loss's backward must run inside loss_parallel() as its forward did.
+        with loss_parallel() if self.dims is not None and self.dims.tp > 1 else nullcontext():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # --- gradient synchronisation -----------------------------------------------------------
     @contextmanager
     def block_backward_sync(self):
         """Gradient accumulation: micro-steps before the last keep their gradients local."""
         self._sync_blocked = True
+        fsdp = self.zero_stage >= 2 and self.world_size > 1
         try:
+            if fsdp:  # FSDP2 keeps the unsharded gradients and reduce-scatters after the last micro-step
+                self.lightning_module.model.set_requires_gradient_sync(False)
             with self.grad_sync.no_sync() if self.grad_sync else _nothing():
                 yield
         finally:
+            if fsdp:
+                self.lightning_module.model.set_requires_gradient_sync(True)
             self._sync_blocked = False
 
     def post_backward(self, closure_loss) -> None:

@@ -19,6 +19,11 @@ holds experts [2, 4) writes and reads exactly those, whatever the mesh at save o
 Optimizer state is saved for the parameters in this rank's optimizer (with ZeRO-1 a subset) and
 loaded the same way, so optimizer sharding can change between save and load too.
 
+Under ZeRO-2/3 parameters and their optimizer state are DTensors (FSDP2 shards): the same keys
+hold them, DCP writes each rank's shard with its offsets and reads back whatever slice the loading
+layout holds, so a ZeRO-3 checkpoint loads on one process and the other way round. Expert stacks
+are sharded on dim 1 (strategies/fsdp.py), so `stack[i]` is still one expert (a DTensor view).
+
 Safety: DCP stores tensors as raw storages read back with `torch.load(weights_only=True)`; its
 `.metadata` index is a pickle, which `SafeReader` reads with an allow-list of the classes DCP
 itself writes, so a checkpoint never runs code. `verify()` checks every file against the manifest.
@@ -45,6 +50,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.tensor import DTensor
 
 from ..trainer.errors import ConfigError
 from ..trainer.models.moe import GroupedExperts
@@ -402,11 +408,19 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
                 heads = ([f"{prefix}/{name}{EXPERT}{owner.expert_offset + i}/" for i in range(owner.num_local_experts)]
                          if owner is not None else [f"{prefix}/{name}/"])
                 leaves = sorted(state_keys.get(heads[0], []))
-                for head in heads:
-                    for leaf in leaves:
+                whole = {}  # leaf -> a tensor laid out like p (a DTensor under FSDP), loaded in place
+                for leaf in leaves:
+                    md = saved[heads[0] + leaf]
+                    per_key_shape = tuple(p.shape[1:]) if owner is not None else tuple(p.shape)
+                    if tuple(md.size) == per_key_shape and len(per_key_shape) > 0:
+                        whole[leaf] = torch.empty_like(p, dtype=md.properties.dtype, device=p.device)
+                        for i, head in enumerate(heads):
+                            targets[head + leaf] = whole[leaf][i] if owner is not None else whole[leaf]
+                        continue
+                    for head in heads:
                         md = saved[head + leaf]
                         targets[head + leaf] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                wanted.append((optimizer, p, group, owner, heads, leaves))
+                wanted.append((optimizer, p, group, owner, heads, leaves, whole))
 
     rng_rank = rank if f"{RNG}/rank{rank}/torch" in saved else 0  # a rank the checkpoint did not have
     rng_keys = [k for k in saved if k.startswith(f"{RNG}/rank{rng_rank}/")]
@@ -416,9 +430,12 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
     with _quiet():
         dcp.load(targets, storage_reader=SafeReader(path))
 
-    for optimizer, p, group, owner, heads, leaves in wanted:
+    for optimizer, p, group, owner, heads, leaves, whole in wanted:
         state = {}
         for leaf in leaves:
+            if leaf in whole:
+                state[leaf] = whole[leaf]
+                continue
             parts = [targets[head + leaf] for head in heads]
             # An expert stack's state is (E_local, ...) again; its scalars were copies: take one.
             value = torch.stack(parts) if owner is not None and parts[0].ndim > 0 else parts[0]

@@ -1,4 +1,7 @@
-"""ZeRO-1: shard optimizer state over each parameter's replica group.
+"""ZeRO-1: shard optimizer state over each parameter's replica group; what each rank holds, in bytes.
+
+The stages (strategy.zero_stage): 0 = replicated, gradients all-reduced (grad_sync.py); 1 = this
+file; 2 and 3 = FSDP2 (fsdp.py), which shards gradients and optimizer state, and at 3 parameters.
 
 Gradients are still all-reduced (strategies/grad_sync.py), so every rank holds every reduced
 gradient and the global clip norm needs nothing new. Each reduction group (dense parameters over
@@ -11,6 +14,7 @@ size). After the optimizer step each owner broadcasts its updated parameters to 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def partition(params: list[nn.Parameter], num_ranks: int) -> list[list[nn.Parameter]]:
@@ -63,6 +67,52 @@ class OptimizerStateSharding:
                         p.copy_(chunk.view_as(p))
 
 
+def describe_stage(layout: str, zero_stage: int) -> str:
+    """"dp=2 x ep=2 over 4 processes; 4 experts per rank" -> "...over 4 processes; ZeRO-3; 4 experts per rank"."""
+    if not zero_stage:
+        return layout
+    head, sep, tail = layout.partition("; ")
+    return f"{head}; ZeRO-{zero_stage}{sep}{tail}"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_numel(t: torch.Tensor) -> int:
+    """Elements this rank holds of `t` (a DTensor's `numel()` is the global one)."""
+    return _local(t).numel()
+
+
+@torch.no_grad()
+def held_bytes(tensors) -> int:
+    """Bytes of the storage behind `tensors` on this rank, each storage counted once.
+
+    A DTensor counts its local shard's storage (FSDP2: the padded shard); gradients that are views
+    of one bucket (grad_sync.py) or of one reduce-scatter output (FSDP2) count that buffer once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        storage = _local(t).untyped_storage()
+        if storage.data_ptr() not in seen and storage.nbytes():
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+    """Bytes of the optimizer's tensors held on this rank (DTensor state: its local shard)."""
+    return held_bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+
+
+def grad_bytes(module: nn.Module) -> int:
+    """Bytes of the gradients this rank holds (measure after the sync, before the optimizer zeroes them)."""
+    return held_bytes(p.grad for p in module.parameters())
+
+
+def rank_memory(module: nn.Module, optimizers, grads: int | None = None) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state, measured from the tensors held."""
+    return {"param_bytes": held_bytes(module.parameters()),
+            "grad_bytes": grad_bytes(module) if grads is None else grads,
+            "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in optimizers)}

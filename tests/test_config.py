@@ -55,7 +55,7 @@ def test_every_group_option_composes(group, option, tmp_path):
         extra = [f"data.path={tmp_path}/t.u16"]
     if group == "strategy" and option in ("expert", "hybrid"):
         extra = ["+recipe=moe_8x", "trainer.devices=4"]
-    if group == "strategy" and option == "ddp":
+    if group == "strategy" and option in ("ddp", "fsdp"):
         extra = ["trainer.devices=2"]
     cfg = compose_run(f"{group}={option}", *extra)
     assert OmegaConf.select(cfg, group) is not None

@@ -21,23 +21,34 @@ def _valid_layouts():
 @pytest.mark.parametrize("dp, ep, world, expected", list(_valid_layouts()))
 def test_valid_layouts_resolve(dp, ep, world, expected):
     dims = ParallelDims(dp=dp, ep=ep, world_size=world)
-    assert dims.degrees == expected
+    assert dims.degrees == (*expected, 1)  # tp defaults to 1
     assert (dims.dp, dims.ep, dims.world_size) == (*expected, world)
-    assert dims.axis_names == ("dp", "ep")
-    assert dims.as_dict() == dict(zip(("dp", "ep"), expected))
+    assert dims.axis_names == ("dp", "ep", "tp")
+    assert dims.as_dict() == dict(zip(("dp", "ep", "tp"), (*expected, 1)))
     assert dims == ParallelDims(*expected, world)
 
 
 def test_rank_layout_puts_ep_innermost():
     dims = ParallelDims(dp=2, ep=2, world_size=4)
     assert [dims.coordinate(r) for r in range(4)] == [
-        {"dp": 0, "ep": 0}, {"dp": 0, "ep": 1}, {"dp": 1, "ep": 0}, {"dp": 1, "ep": 1},
+        {"dp": 0, "ep": 0, "tp": 0}, {"dp": 0, "ep": 1, "tp": 0}, {"dp": 1, "ep": 0, "tp": 0}, {"dp": 1, "ep": 1, "tp": 0},
     ]
     assert dims.axis_ranks("ep", 2) == [2, 3]  # contiguous: ranks that exchange tokens
     assert dims.axis_ranks("dp", 1) == [1, 3]  # same expert shard
     wide = ParallelDims(dp=2, ep=4, world_size=8)
     assert wide.axis_ranks("ep", 5) == [4, 5, 6, 7]
     assert wide.axis_ranks("dp", 5) == [1, 5]
+
+
+def test_rank_layout_puts_tp_innermost_and_tp_ranks_share_data():
+    dims = ParallelDims(dp=2, ep=1, tp=2, world_size=4)
+    assert dims.axis_ranks("tp", 2) == [2, 3]  # contiguous: inside a node
+    assert dims.axis_ranks("dp", 1) == [1, 3]
+    assert [dims.data_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    assert dims.data_ranks == 2
+    assert ParallelDims(dp=1, ep=2, tp=2, world_size=4).describe(num_experts=4) == \
+        "dp=1 x ep=2 x tp=2 over 4 processes; 2 experts per rank"
+    assert ParallelDims(dp=2, ep=1, tp=-1, world_size=8).tp == 4
 
 
 def test_from_config_multiplies_devices_and_nodes():

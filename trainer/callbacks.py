@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from ..strategies.zero import optimizer_state_bytes
+from ..strategies.zero import grad_bytes, local_numel, rank_memory
 from .loggers import finish as finish_loggers
 from .plots import plot_expert_load, plot_loss_curve
 
@@ -43,6 +43,7 @@ class RunDirectory(L.Callback):
         self._last_row_offset = 0  # metrics.csv's size before the last row
         self.stopped_by: dict | None = None  # set by trainer/stop_signals.py when a signal ended the run early
         self.val_columns: list[str] = []  # per-byte validation loss, when the data knows bytes per token
+        self._grad_bytes: int | None = None  # gradient bytes this rank holds during a step
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -170,18 +171,24 @@ class RunDirectory(L.Callback):
             log.info(" ".join([f"step={row['step']}"] + [f"{k}={row[k]:.5g}" for k in keys]))
         self._logged = (row["step"], set(keys) | (logged if step == row["step"] else set()))
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._grad_bytes is None:  # synced gradients of the first step (optimizers drop them later)
+            self._grad_bytes = grad_bytes(pl_module.model)
+
     # --- end of run -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
         # Collectives first, on every rank; then rank 0 writes.
         device = pl_module.device
-        local = torch.tensor([peak_rss_mb(), sum(p.numel() for p in pl_module.model.parameters()),
-                              sum(optimizer_state_bytes(o) for o in trainer.optimizers)], device=device, dtype=torch.float64)
+        held = rank_memory(pl_module.model, trainer.optimizers, self._grad_bytes)  # bytes this rank holds, by kind
+        local = torch.tensor([peak_rss_mb(), sum(local_numel(p) for p in pl_module.model.parameters()), *held.values()],
+                             device=device, dtype=torch.float64)
         peaks = trainer.strategy.reduce(local, reduce_op="max") if trainer.world_size > 1 else local
         if trainer.is_global_zero:
             self._flush()
             self.write_summary(trainer, pl_module, "interrupted" if self.stopped_by else "completed",
                                peak_rss=float(peaks[0]), params_per_rank=int(peaks[1]),
-                               optimizer_state_bytes=int(peaks[2]), extra=self.stopped_by)
+                               optimizer_state_bytes=int(peaks[4]), extra=self.stopped_by,
+                               held={f"{k}_per_rank": int(v) for k, v in zip(held, peaks[2:])})
             self._finalize_loggers("success")
 
     def on_exception(self, trainer, pl_module, exception):
@@ -195,7 +202,7 @@ class RunDirectory(L.Callback):
         finish_loggers(self.loggers, status)
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
-                      error=None, extra=None):
+                      error=None, extra=None, held=None):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
         steps = trainer.global_step
@@ -215,6 +222,7 @@ class RunDirectory(L.Callback):
             **self.params,
             "params_per_rank": params_per_rank,
             "optimizer_state_bytes_per_rank": optimizer_state_bytes,
+            **(held or {}),  # param_bytes_per_rank, grad_bytes_per_rank, optimizer_state_bytes_per_rank (max over ranks)
             "peak_rss_mb": peak_rss if peak_rss is not None else peak_rss_mb(),
             "a2a_bytes_per_step": pl_module.step_metrics.get("a2a_bytes_per_step", 0.0),
         }

@@ -28,6 +28,7 @@ from .checkpoint_files import Checkpointer, resolve_resume
 from . import faults, hf_init, loggers, tokenizer
 from .stop_signals import StopSignals
 from .launch import slurm, sweep
+from ..strategies.zero import describe_stage
 from .schema import register_configs
 from .validate import check_run_paths, validate, validate_devices
 
@@ -82,9 +83,11 @@ def run(cfg: DictConfig) -> RunDirectory:
     task = LanguageModelTask(model, cfg.optimizer, t.max_steps, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
                              token_bytes=tokenizer.data_token_bytes(cfg.data))
     task.seed = cfg.seed
-    strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all")
+    strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all",
+                                       activation_checkpointing=cfg.model.activation_checkpointing)
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
-    layout = {"strategy": cfg.strategy.name, "mesh": {"dp": dims.dp, "ep": dims.ep}, "layout": dims.describe(num_experts)}
+    layout = {"strategy": cfg.strategy.name, "mesh": dims.as_dict(), "zero_stage": cfg.strategy.zero_stage,
+              "layout": describe_stage(dims.describe(num_experts), cfg.strategy.zero_stage)}
     run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps,
                                  loggers=loggers.build_loggers(cfg.logger, run_dir), hparams=loggers.hyperparameters(cfg))
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written

@@ -224,8 +224,13 @@ class ByteDataModule(L.LightningDataModule):
         self.train_path, self.val_path = train_path, val_path
 
     def _rank(self):
+        """(which slice of each global batch this rank reads, how many slices): the strategy's data
+        ranks, which are not the processes when some ranks share a slice (tensor parallel)."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("rank", trainer.global_rank), kwargs.get("num_replicas", trainer.world_size)
 
     def train_dataloader(self):
         rank, world = self._rank()

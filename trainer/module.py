@@ -42,6 +42,7 @@ class LanguageModelTask(L.LightningModule):
         self.model = model
         self.optimizer_cfg, self.max_steps, self.tokens_per_step = optimizer_cfg, max_steps, tokens_per_step
         self.moe_layers = list(model.moe_layers())
+        self.cross_entropy = F.cross_entropy  # a tensor-parallel layout swaps in its vocab-parallel loss
         self._sums: torch.Tensor | None = None  # this rank's metric sums since the last reduction
         self._micro_batches = 0
         self.step_metrics: dict[str, float] = {}  # last reduced metrics, read by the run-directory callback
@@ -53,7 +54,7 @@ class LanguageModelTask(L.LightningModule):
     def _loss(self, batch):
         inputs, targets = batch
         logits = self.model(inputs)  # (B, T, V)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        ce = self.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return ce, logits
 
     def training_step(self, batch, batch_idx):

@@ -82,6 +82,8 @@ class ModelConfig:
     init_from: Optional[str] = None
     """A local Hugging Face model directory (config.json + safetensors; Llama or Mixtral): its config fills
     the architecture keys above and its weights replace the initial ones, under any layout. null = random init."""
+    activation_checkpointing: str = "none"
+    """none | full (recompute every block in backward) | selective (every other block: blocks 0, 2, ...)."""
 
 
 @dataclass
@@ -90,19 +92,29 @@ class MeshConfig:
     """Data-parallel degree; -1 = infer from the world size."""
     ep: int = 1
     """Expert-parallel degree; -1 = infer from the world size."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost axis: weight matrices split over tp contiguous ranks); -1 = infer."""
 
 
 @dataclass
 class StrategyConfig:
     _target_: str = "paratrain.strategies.MeshStrategy"
     name: str = "single"
-    """single | ddp | expert | hybrid: how the run is laid out (for logs and summaries)."""
+    """single | ddp | expert | hybrid | fsdp | tensor: how the run is laid out (for logs and summaries)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     """Degrees of each mesh axis; their product must equal trainer.devices * trainer.num_nodes."""
     bucket_size_mb: float = 25.0
     """Gradients are all-reduced in buckets of about this many MiB."""
-    shard_optimizer: bool = False
-    """ZeRO-1: shard optimizer state over each parameter's data-parallel group."""
+    sequence_parallel: bool = True
+    """With strategy.mesh.tp > 1: norms and the residual stream split over tp along the sequence
+    (all-gather + reduce-scatter per block instead of all-reduces); data.seq_len must divide by tp."""
+    zero_stage: int = 0
+    """ZeRO stage over the data ranks: 0 = replicated (all-reduce), 1 = + optimizer state sharded,
+    2 = + gradients sharded (FSDP2, reshard_after_forward=False), 3 = + parameters (FSDP2)."""
+    reduce_dtype: str = "float32"
+    """ZeRO-2/3 with trainer.precision=bf16-mixed: dtype of the gradient reduce-scatter (float32 | bfloat16)."""
+    shard_optimizer: Optional[bool] = None
+    """Removed: use strategy.zero_stage=1 (setting this key is an error that says so)."""
     timeout_s: float = 600.0
     """Collective timeout: a dead rank ends the job with an error after this long."""
     process_group_backend: Optional[str] = None

@@ -21,7 +21,10 @@ from ..strategies.mesh import ParallelDims
 from . import hf_init, loggers, tokenizer
 from .errors import ConfigError
 
-STRATEGIES = ("single", "ddp", "expert", "hybrid")
+STRATEGIES = ("single", "ddp", "expert", "hybrid", "fsdp", "tensor")
+ZERO_STAGES = (0, 1, 2, 3)
+REDUCE_DTYPES = ("float32", "bfloat16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -41,10 +44,13 @@ def validate_model(m) -> None:
     _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
              f"model.d_model={m.d_model} is not divisible into model.n_heads={m.n_heads} heads of even width: "
              f"attention splits the width evenly and rotary positions rotate pairs. Choose d_model a multiple of 2 * n_heads.")
+    _require(m.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+             f"model.activation_checkpointing={m.activation_checkpointing!r} is not a checkpointing mode: blocks keep "
+             f"their activations (none), recompute them all in backward (full), or every other one (selective). "
+             f"Use one of {', '.join(ACTIVATION_CHECKPOINTING)}.")
     for key in ("n_layers", "n_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1. Set a positive value.")
     n_kv = m.get("n_kv_heads") if hasattr(m, "get") else getattr(m, "n_kv_heads", None)
-    # Tensor parallelism will also need n_kv_heads divisible by the tp degree (wk, wv split by heads).
     _require(n_kv is None or (n_kv >= 1 and m.n_heads % n_kv == 0),
              f"model.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}: in grouped-query attention each key/value "
              f"head serves n_heads / n_kv_heads query heads. Use a divisor of {m.n_heads}, or null for one per query head.")
@@ -158,16 +164,98 @@ def validate_strategy(cfg) -> ParallelDims:
              f"strategy=single runs one process, but trainer.devices * trainer.num_nodes = {world_size(cfg)}. "
              f"Use strategy=ddp (or expert / hybrid for an MoE model) to train on {world_size(cfg)} processes, "
              f"or set trainer.devices=1.")
-    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, world_size=world_size(cfg))
+    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, tp=s.mesh.tp, world_size=world_size(cfg))
     if dims.ep > 1:
         _require(cfg.model.moe is not None,
                  f"strategy={s.name} shards experts over strategy.mesh.ep={dims.ep} ranks, but the model is dense "
                  f"(model.moe=null): there are no experts to shard. Use an MoE model (e.g. +recipe=moe_8x), or "
                  f"strategy=ddp for a dense model.")
         dims.validate_experts(cfg.model.moe.num_experts)
+    if dims.tp > 1:
+        validate_tensor_parallel(cfg, dims.tp)
+    validate_zero(cfg, dims)
     _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
     _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
     return dims
+
+
+def validate_tensor_parallel(cfg, tp: int) -> None:
+    """What strategies/tensor_parallel.py splits over tp must split evenly."""
+    m, moe, sp = cfg.model, cfg.model.moe, cfg.strategy.sequence_parallel
+    fix = f"or change strategy.mesh.tp={tp}"
+    splits = [("model.n_heads", m.n_heads, "attention heads are split over the tp ranks"),
+              ("model.d_model", m.d_model, "q/k/v/o columns and rows are split over the tp ranks"),
+              ("model.vocab_size", m.vocab_size, "the embedding rows and output-head columns are split over the tp ranks")]
+    if m.get("n_kv_heads"):
+        splits.append(("model.n_kv_heads", m.n_kv_heads, "key/value heads are split over the tp ranks like the query heads"))
+    if moe is None or moe.every_n_layers > 1 or moe.get("first_dense_layers", 0) > 0:
+        splits.append(("model.ffn_dim", m.ffn_dim, "the dense SwiGLU hidden units are split over the tp ranks"))
+    _require(not m.get("tie_embeddings"),
+             f"model.tie_embeddings=true with strategy.mesh.tp={tp}: the embedding is split by vocabulary rows and the "
+             f"output head by vocabulary columns, so one tensor cannot serve both. Set model.tie_embeddings=false, {fix}.")
+    _require(moe is None or not moe.get("shared_expert_gate"),
+             f"model.moe.shared_expert_gate=true with strategy.mesh.tp={tp}: the gated shared expert has no tensor-parallel "
+             f"plan yet. Set model.moe.shared_expert_gate=false, {fix}.")
+    if moe is not None and moe.num_shared_experts > 0 and moe.get("shared_expert_ffn_dim"):
+        splits.append(("model.moe.shared_expert_ffn_dim", moe.shared_expert_ffn_dim,
+                       "the shared experts' hidden units are split over the tp ranks like the dense FFN's"))
+    elif moe is not None and moe.num_shared_experts > 0:
+        width = moe.expert_ffn_dim or m.ffn_dim
+        key = "model.moe.expert_ffn_dim" if moe.expert_ffn_dim else "model.ffn_dim (= the expert width)"
+        _require(moe.num_shared_experts * width % tp == 0,
+                 f"{key}={width} x model.moe.num_shared_experts={moe.num_shared_experts} = {moe.num_shared_experts * width} "
+                 f"is not divisible by strategy.mesh.tp={tp}: the shared experts' hidden units are split over the tp "
+                 f"ranks like the dense FFN's. Use a width that makes it a multiple of {tp}, {fix}.")
+    for key, value, why in splits:
+        _require(value % tp == 0, f"{key}={value} is not divisible by strategy.mesh.tp={tp}: {why}. "
+                                  f"Use a multiple of {tp} for {key}, {fix}.")
+    _require(not sp or cfg.data.seq_len % tp == 0,
+             f"data.seq_len={cfg.data.seq_len} is not divisible by strategy.mesh.tp={tp}: with "
+             f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
+             f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
+    stage = cfg.strategy.zero_stage
+    _require(stage != 1,
+             f"strategy.zero_stage=1 with strategy.mesh.tp={tp}: ZeRO-1's whole-parameter partition does not handle "
+             f"tp-sharded (DTensor) parameters. Use strategy.zero_stage=2 or 3 (FSDP2 composes with tp), 0, or "
+             f"strategy.mesh.tp=1.")
+    _require(stage < 2 or moe is None,
+             f"strategy.zero_stage={stage} with strategy.mesh.tp={tp} and an MoE model: FSDP2 would reduce the router "
+             f"and expert gradients over the data ranks only, but under tp they are partial sums that must also be "
+             f"summed over tp (strategies/tensor_parallel.py). Use strategy.zero_stage=0 with tp for MoE models, or "
+             f"strategy.mesh.tp=1.")
+
+
+def validate_zero(cfg, dims: ParallelDims) -> None:
+    """strategy.zero_stage: 0-3, only with data ranks to shard over; FSDP2's even-sharding need for experts."""
+    s = cfg.strategy
+    _require(s.get("shard_optimizer") is None,
+             f"strategy.shard_optimizer={s.shard_optimizer} was removed: one key, strategy.zero_stage, now says what is "
+             f"sharded. Use strategy.zero_stage=1 (optimizer state sharded; 2 adds gradients, 3 parameters) and "
+             f"drop strategy.shard_optimizer.")
+    stage = s.zero_stage
+    _require(stage in ZERO_STAGES and not isinstance(stage, bool),
+             f"strategy.zero_stage={stage!r} is not a ZeRO stage: 0 replicates everything, 1 shards optimizer state, "
+             f"2 also gradients, 3 also parameters. Use 0, 1, 2 or 3.")
+    _require(stage == 0 or dims.world_size > 1,
+             f"strategy.zero_stage={stage} (strategy={s.name}) shards over data-parallel ranks, but "
+             f"trainer.devices * trainer.num_nodes = 1: there is nothing to shard over. Use strategy.zero_stage=0 "
+             f"on one process, or e.g. strategy=fsdp trainer.devices=2.")
+    _require(s.reduce_dtype in REDUCE_DTYPES,
+             f"strategy.reduce_dtype={s.reduce_dtype!r} is not a reduce dtype: ZeRO-2/3 reduce-scatter gradients in "
+             f"float32 or bfloat16. Use one of {', '.join(REDUCE_DTYPES)}.")
+    _require(stage < 2 or cfg.trainer.precision != "bf16-true",
+             f"trainer.precision=bf16-true with strategy.zero_stage={stage}: FSDP2 keeps fp32 master shards and "
+             f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
+             f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
+    moe = cfg.model.moe
+    if stage >= 2 and moe is not None and dims.dp > 1:
+        # Expert stacks (E_local, d, h) / (E_local, h, d) are sharded on dim 1 over dp (strategies/fsdp.py).
+        hidden = moe.expert_ffn_dim or cfg.model.ffn_dim
+        for key, width in (("model.d_model", cfg.model.d_model), ("model.moe.expert_ffn_dim", hidden)):
+            _require(width % dims.dp == 0,
+                     f"{key}={width} is not divisible by strategy.mesh.dp={dims.dp}: under strategy.zero_stage={stage} "
+                     f"each expert's matrices are split evenly over the dp ranks that hold it. Use a multiple of "
+                     f"{dims.dp}, or strategy.zero_stage=1.")
 
 
 def validate_cluster(cfg, submitting: bool = False) -> None:
@@ -236,8 +324,8 @@ def validate(cfg) -> ParallelDims:
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
     dims = validate_strategy(cfg)
-    # Every rank reads a different shard of the global batch, whatever the mesh axes.
-    validate_data(cfg.data, dims.world_size, cfg.trainer.accumulate_grad_batches)
+    # Every (dp, ep) coordinate reads a different shard of the global batch; its tp ranks share one.
+    validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
     resolve_targets(cfg)
     return dims
 

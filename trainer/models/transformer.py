@@ -102,6 +102,8 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None):
         super().__init__()
+        # n_heads / n_kv_heads are the heads this module computes: a tensor-parallel layout lowers them
+        # to the heads of its slice of wq/wk/wv (torchtitan's n_local_heads); head_dim never changes.
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = d_model // n_heads
@@ -112,7 +114,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, rope: Tuple[Tensor, Tensor]) -> Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(b, t, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -121,7 +123,7 @@ class Attention(nn.Module):
         # enable_gqa: SDPA reads each kv head for its n_heads / n_kv_heads query heads without
         # materialising the repeated keys and values.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # (B, nh, T, hs)
-        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+        return self.wo(y.transpose(1, 2).reshape(b, t, nh * hs))
 
 
 def _get(cfg, key: str, default=None):
@@ -196,7 +198,8 @@ class Transformer(nn.Module):
         """Mean over MoE layers of lb_weight * load_balancing + z_weight * z_loss (0 if dense)."""
         layers = self.moe_layers()
         if not layers or not layers[0].aux_losses:
-            return self.head.weight.new_zeros(())
+            # A plain tensor even when a layout made head.weight a DTensor (it is added to the loss).
+            return torch.zeros((), dtype=self.head.weight.dtype, device=self.head.weight.device)
         total = sum(self.lb_weight * m.aux_losses["load_balancing"]
                     + self.z_weight * m.aux_losses["z_loss"] for m in layers)
         return total / len(layers)

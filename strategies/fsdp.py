@@ -1,0 +1,60 @@
+"""ZeRO-2 and ZeRO-3: FSDP2 `fully_shard` over the data ranks; each expert shard over its dp group.
+
+ZeRO-2 = `reshard_after_forward=False` (parameters stay gathered from forward to backward; gradients
+and optimizer state sharded), ZeRO-3 = `reshard_after_forward=True` (parameters gathered per block,
+freed after use). One FSDP group per transformer block, one per MoE layer's experts, and the root
+(embedding, final norm, head), as torchtitan groups them.
+
+Which group reduces which gradient (the rule of strategies/grad_sync.py, applied by FSDP's
+reduce-scatter instead of our all-reduce):
+- dense parameters are replicated on every data rank, so they are sharded over all of them
+  (dp x ep, one flattened axis): reduce-scatter SUM, then / W. That is FSDP's default (AVG over W).
+- an expert shard lives on the ranks of one dp group (the ep ranks hold other experts), so it is
+  sharded over that group only. The all-to-all backward has already brought every ep rank's
+  contribution here, so SUM over dp, then / W, not / dp: FSDP's default would divide by dp and give
+  ep-times too large expert gradients. The divide factor is set to W; gloo refuses the PREMUL_SUM
+  op FSDP would use for a custom factor, so it is told to SUM and divide afterwards.
+
+Expert stacks (E_local, d, h) and (E_local, h, d) are sharded on dim 1, not dim 0: every rank then
+holds a slice of every local expert, so a checkpoint still splits them by global expert index
+(strategies/portable_state.py), and E_local need not divide by dp (d and h must: validate.py).
+"""
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from ..trainer.models.moe import GroupedExperts
+from .mesh import data_mesh, dp_mesh
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def mixed_precision_policy(precision: str, reduce_dtype: str = "float32") -> MixedPrecisionPolicy:
+    """bf16-mixed: bf16 compute (parameters gathered in bf16), fp32 master shards, reduce in `reduce_dtype`."""
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=DTYPES[reduce_dtype])
+    return MixedPrecisionPolicy(reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype != "float32" else None)
+
+
+def _expert_placement(param: nn.Parameter) -> Shard:
+    return Shard(1)
+
+
+def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3."""
+    assert zero_stage in (2, 3), zero_stage
+    kwargs = {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    dense_mesh = data_mesh(mesh)
+    world = dense_mesh.size()
+    # Innermost first: a module's FSDP group holds the parameters no inner group took.
+    for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
+        fully_shard(experts, mesh=dp_mesh(mesh), shard_placement_fn=_expert_placement, **kwargs)
+        experts.set_gradient_divide_factor(float(world))  # / W over a dp group (see above)
+        # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
+        # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
+        experts.set_force_sum_reduction_for_comms(dp_mesh(mesh).size() > 1)
+    for block in model.layers:
+        fully_shard(block, mesh=dense_mesh, **kwargs)
+    fully_shard(model, mesh=dense_mesh, **kwargs)
