@@ -19,7 +19,9 @@ from . import portable_state
 from .grad_sync import GradientSync
 from .grad_norm import clip_grad_norm_
 from .layout import apply_layout
-from .mesh import ParallelDims, build_mesh
+from .mesh import ParallelDims, build_mesh, data_mesh
+from .pipeline_parallel import Pipeline
+from ..trainer.schema import PipelineConfig
 from .zero import OptimizerStateSharding
 
 
@@ -27,7 +29,7 @@ class MeshStrategy(ModelParallelStrategy):
     """Lay a plain model out over the mesh {dp, ep}; gradients synced by our own all-reduce."""
 
     def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, shard_optimizer: bool = False,
-                 timeout_s: float = 600.0, process_group_backend: str | None = None):
+                 timeout_s: float = 600.0, process_group_backend: str | None = None, pipeline=None):
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
         self.name = name
         self.mesh_degrees = dict(mesh or {"dp": 1, "ep": 1})
@@ -37,6 +39,8 @@ class MeshStrategy(ModelParallelStrategy):
         self.grad_sync = None
         self.reduction_groups = None  # [(params, process group, scale, name)] from the layout
         self.zero = None  # OptimizerStateSharding when shard_optimizer
+        self.pipeline_cfg = PipelineConfig(**(pipeline or {}))  # strategy.pipeline: used when mesh pp > 1
+        self.pipeline: Pipeline | None = None  # the task's training/validation step delegates to it when set
         self._sync_blocked = False
 
     @property
@@ -45,12 +49,15 @@ class MeshStrategy(ModelParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict:
-        # Every rank reads its own slice of the global batch, whatever its mesh coordinates.
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # Every rank reads its own slice of the global batch; a pipeline's stages read the same one
+        # (the first stage its inputs, the last its targets).
+        if self.dims is None or self.dims.pp == 1:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return {"num_replicas": self.dims.data_ranks, "rank": self.global_rank % self.dims.data_ranks}
 
     def setup_environment(self) -> None:
         Strategy.setup_environment(self)
-        self.dims = ParallelDims(world_size=self.world_size, **self.mesh_degrees)
+        self.dims = ParallelDims(world_size=self.world_size, **self.mesh_degrees)  # pp outermost: rank % data_ranks
         if self.world_size > 1:
             self._setup_distributed()  # process group with our timeout
             self.mesh = build_mesh(self.dims, self.root_device.type)
@@ -58,9 +65,15 @@ class MeshStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device)
+        self.reduction_groups = apply_layout(module.model, self.dims, self.mesh, module.seed, self.root_device,
+                                             self.pipeline_cfg)
         if self.reduction_groups:
             self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb)
+        if self.dims.pp > 1:
+            c = self.pipeline_cfg
+            self.pipeline = Pipeline(module.model, self.dims, self.mesh, self.root_device, c.schedule, c.microbatches,
+                                     c.stages_per_rank, c.split_points,
+                                     no_sync=self.grad_sync.no_sync if self.grad_sync else _nothing)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
@@ -97,6 +110,17 @@ class MeshStrategy(ModelParallelStrategy):
                 yield
         finally:
             self._sync_blocked = False
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # The pipeline schedule already ran backward inside training_step; keep the hooks around it
+        # (callbacks' on_before_backward, e.g. the NaN guard; post_backward finishes the gradient sync).
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     def post_backward(self, closure_loss) -> None:
         # Before clipping and the optimizer step: they must see the synchronised gradients.

@@ -205,7 +205,11 @@ class ByteDataModule(L.LightningDataModule):
 
     def _rank(self):
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        # The strategy says which slice a rank reads (a pipeline's stages share one).
+        kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kw.get("rank", trainer.global_rank), kw.get("num_replicas", trainer.world_size)
 
     def train_dataloader(self):
         rank, world = self._rank()
