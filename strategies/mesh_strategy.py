@@ -94,6 +94,10 @@ class MeshStrategy(ModelParallelStrategy):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.zero is not None:
             self.zero.gather_params()  # owners send the parameters they just updated
+        if self.pipeline is not None:
+            # Lightning's own zero_grad ran before the gradients were released (see backward): the
+            # next step's schedule must start from none.
+            self.lightning_module.model.zero_grad(set_to_none=True)
         return output
 
     def describe(self) -> str:
@@ -118,6 +122,7 @@ class MeshStrategy(ModelParallelStrategy):
         # (callbacks' on_before_backward, e.g. the NaN guard; post_backward finishes the gradient sync).
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.pipeline.release_grads()
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss

@@ -156,31 +156,35 @@ class Pipeline:
         cls = SCHEDULES[schedule]
         target = self.stages if schedule in MULTI_STAGE else self.stages[0]
         self.schedule = cls(target, n_microbatches=self.microbatches, loss_fn=_cross_entropy, scale_grads=True)
-        self._moe: dict[int, list] = {}  # id(MoE) -> [module, summed aux losses, summed stats, a2a bytes, count]
-        self._aux: list[torch.Tensor] = []
+        self._held: list = []  # (param, grad) between train_step and the strategy's backward
+        self._forwards: dict[int, list] = {}  # per stage: (aux, [(MoE, aux losses, stats, a2a bytes)]) per forward
 
     def _record(self, layers, aux) -> None:
-        if not torch.is_grad_enabled():
-            return  # validation: no statistics
-        self._aux.append(aux.detach())
-        for m in layers:
-            entry = self._moe.setdefault(id(m), [m, {}, {}, 0, 0])
-            for store, values in ((entry[1], m.aux_losses), (entry[2], m.stats)):
-                for key, value in values.items():
-                    value = value.detach()
-                    store[key] = value if key not in store else store[key] + value
-            entry[3] += getattr(m.dispatcher, "last_a2a_bytes", 0)
-            entry[4] += 1
+        if torch.is_grad_enabled():  # training: not validation
+            self._forwards.setdefault(id(layers), []).append((aux.detach(), [
+                (m, {k: v.detach() for k, v in m.aux_losses.items()}, {k: v.detach() for k, v in m.stats.items()},
+                 getattr(m.dispatcher, "last_a2a_bytes", 0)) for m in layers]))
 
-    def _publish_moe(self) -> None:
+    def _publish_moe(self) -> torch.Tensor | None:
         """Leave on each local MoE layer the step's statistics as one forward of the whole per-rank
-        batch would: means over micro-batches, token counts and all-to-all bytes summed."""
-        for m, losses, stats, a2a, count in self._moe.values():
-            m.aux_losses = {k: v / count for k, v in losses.items()}
-            m.stats = {k: (v if k == "tokens_per_expert" else v / count) for k, v in stats.items()}
-            if hasattr(m.dispatcher, "last_a2a_bytes"):
-                m.dispatcher.last_a2a_bytes = a2a
-        self._moe.clear()
+        batch would (means over micro-batches, token counts and all-to-all bytes summed); return
+        this rank's share of the auxiliary loss, a mean over micro-batches."""
+        aux = None
+        for forwards in self._forwards.values():
+            # The first step's metadata inference runs an extra forward (on placeholder inputs)
+            # before the real ones: the micro-batches are the last ones.
+            forwards = forwards[-self.microbatches:]
+            stage_aux = torch.stack([a for a, _ in forwards]).mean()
+            aux = stage_aux if aux is None else aux + stage_aux
+            for i, m in enumerate(m for m, *_ in forwards[0][1]):
+                layer = [f[1][i] for f in forwards]
+                m.aux_losses = {k: torch.stack([l[1][k] for l in layer]).mean() for k in layer[0][1]}
+                m.stats = {k: torch.stack([l[2][k] for l in layer]).sum(0) if k == "tokens_per_expert"
+                           else torch.stack([l[2][k] for l in layer]).mean() for k in layer[0][2]}
+                if hasattr(m.dispatcher, "last_a2a_bytes"):
+                    m.dispatcher.last_a2a_bytes = sum(l[3] for l in layer)
+        self._forwards.clear()
+        return aux
 
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of every micro-batch; gradients left in `.grad` (not yet synced).
@@ -189,14 +193,24 @@ class Pipeline:
         the cross-entropy is 0 except on the rank that holds the last stage."""
         inputs, targets = batch
         losses: list[torch.Tensor] = []
-        self._aux = []
         with self.no_sync():  # gradients accumulate over micro-batches; synced once, after the step
             self.schedule.step(*((inputs,) if self.has_first else ()),
                                target=targets if self.has_last else None, losses=losses)
-        self._publish_moe()
-        ce = torch.stack(losses).mean() if self.has_last else torch.zeros((), device=inputs.device)
-        aux = torch.stack(self._aux).sum() / self.microbatches if self._aux else torch.zeros((), device=inputs.device)
-        return ce.detach(), aux
+        # Lightning zeroes gradients between training_step and backward (its closure), but the schedule
+        # has already run backward: hold the gradients aside until the strategy's backward asks for them.
+        self._held = [(p, p.grad) for m in self.modules for p in m.parameters() if p.grad is not None]
+        for p, _ in self._held:
+            p.grad = None
+        aux = self._publish_moe()
+        zero = torch.zeros((), device=inputs.device)
+        ce = torch.stack(losses).mean().detach() if self.has_last else zero
+        return ce, (aux if aux is not None else zero)
+
+    def release_grads(self) -> None:
+        """Put back the gradients `train_step` held aside (after Lightning zeroed the others)."""
+        for p, grad in self._held:
+            p.grad = grad if p.grad is None else p.grad + grad
+        self._held = []
 
     def eval_loss(self, batch) -> torch.Tensor:
         """Mean cross-entropy of a batch, forward only; the same value on every stage (one broadcast)."""
