@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> RunDirectory:
     task.seed = cfg.seed
     strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all")
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
-    layout = {"strategy": cfg.strategy.name, "mesh": {"dp": dims.dp, "ep": dims.ep}, "layout": dims.describe(num_experts)}
+    layout = {"strategy": cfg.strategy.name, "mesh": dims.as_dict(), "layout": dims.describe(num_experts)}
     run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps)
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
