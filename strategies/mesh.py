@@ -105,8 +105,8 @@ class ParallelDims:
 
     @property
     def data_ranks(self) -> int:
-        """Ranks that read different slices of the global batch: the world over the pipeline's stages."""
-        return self.world_size // self.pp
+        """Ranks that read different slices of the global batch: dp x ep (a pipeline's stages share one)."""
+        return self.dp * self.ep
 
     def as_dict(self) -> Dict[str, int]:
         """{"dp": 2, "ep": 2}: what summary.json and logs record as the mesh."""

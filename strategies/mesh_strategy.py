@@ -3,7 +3,8 @@
 `single` is the mesh {1, 1}, `ddp` {N, 1}, `expert` {1, N}, `hybrid` {a, b}: the same code, so the
 four cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
 device) and lays it out in `setup()`: keep this rank's experts, materialise the weights, swap in
-the all-to-all dispatcher, and register our bucketed gradient synchronisation.
+the all-to-all dispatcher, and register our bucketed gradient synchronisation. With pp > 1 the
+model is split into stages first and `self.pipeline` runs each step's micro-batch schedule.
 """
 
 from contextlib import contextmanager

@@ -97,7 +97,8 @@ class LanguageModelTask(L.LightningModule):
         """Mean over micro-batches and ranks since the last call (expert counts and bytes are summed).
 
         Every rank calls this at the same steps: it is a collective."""
-        world = getattr(getattr(self.trainer.strategy, "dims", None), "data_ranks", self.trainer.world_size)
+        # A pipeline's stages each add their part of one data slice's metrics (zeros elsewhere).
+        world = self.trainer.world_size // getattr(getattr(self.trainer.strategy, "dims", None), "pp", 1)
         total = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
         n = self._micro_batches * world
         out = {"train/loss": total[0].item() / n, "train/total_loss": total[1].item() / n}
