@@ -193,18 +193,26 @@ class Pipeline:
         the cross-entropy is 0 except on the rank that holds the last stage."""
         inputs, targets = batch
         losses: list[torch.Tensor] = []
+        # Gradients of earlier accumulation micro-steps wait aside too: the schedule divides every
+        # .grad of its stages by the number of micro-batches at the end of the step.
+        self._hold_grads()
         with self.no_sync():  # gradients accumulate over micro-batches; synced once, after the step
             self.schedule.step(*((inputs,) if self.has_first else ()),
                                target=targets if self.has_last else None, losses=losses)
         # Lightning zeroes gradients between training_step and backward (its closure), but the schedule
         # has already run backward: hold the gradients aside until the strategy's backward asks for them.
-        self._held = [(p, p.grad) for m in self.modules for p in m.parameters() if p.grad is not None]
-        for p, _ in self._held:
-            p.grad = None
+        self._hold_grads()
         aux = self._publish_moe()
         zero = torch.zeros((), device=inputs.device)
         ce = torch.stack(losses).mean().detach() if self.has_last else zero
         return ce, (aux if aux is not None else zero)
+
+    def _hold_grads(self) -> None:
+        for m in self.modules:
+            for p in m.parameters():
+                if p.grad is not None:
+                    self._held.append((p, p.grad))
+                    p.grad = None
 
     def release_grads(self) -> None:
         """Put back the gradients `train_step` held aside (after Lightning zeroed the others)."""

@@ -43,6 +43,29 @@ def reference(cfg):
     return ce.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_split_keeps_parameter_names_embedding_first_head_last():
+    """Tier 1: the split step on the meta device; stages by an even split and by split_points."""
+    from paratrain.strategies.mesh import ParallelDims
+    from paratrain.strategies.pipeline_parallel import apply_pipeline_split, local_stages, stage_layers
+
+    assert stage_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert stage_layers(8, 4, [1, 2, 7]) == [range(0, 1), range(1, 2), range(2, 7), range(7, 8)]
+    assert local_stages(1, 2, 2) == [1, 3]  # loop placement: stage s on rank s % pp
+    cfg = model_cfg(moe=True)
+    full = {n for n, _ in build_model(cfg, SEED, device="meta").named_parameters()}
+    dims = ParallelDims(dp=1, ep=1, pp=2, world_size=2)
+    held = []
+    for rank in range(2):
+        model = build_model(cfg, SEED, device="meta")
+        apply_pipeline_split(model, dims, rank, stages_per_rank=2)  # 4 stages of one block each
+        names = {n for n, _ in model.named_parameters()}
+        assert names <= full
+        assert ("tok_emb.weight" in names) == (rank == 0) and ("head.weight" in names) == (rank == 1)
+        assert sorted({n.split(".")[1] for n in names if n.startswith("layers.")}) == ([str(rank), str(rank + 2)])
+        held.append(names)
+    assert held[0] | held[1] == full and not held[0] & held[1]
+
+
 def pipelined_grads(rank, world_size, cfg, mesh_degrees, layouts):
     """Every layout in `layouts` (schedule, microbatches, stages_per_rank) on one process group."""
     from paratrain.strategies.grad_sync import GradientSync
@@ -121,6 +144,10 @@ PP2 = ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches
 RUNS = {
     "gpipe-moe": (TINY_MOE, [*PP2, "strategy.pipeline.schedule=gpipe"]),
     "1f1b-dense": (TINY, [*PP2, "strategy.pipeline.schedule=1f1b"]),
+    # 2 accumulation micro-steps of 2 pipeline micro-batches each: the schedule's 1/m scaling must
+    # not touch the gradients of the first micro-step.
+    "1f1b-dense-accumulate2": (TINY, ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches=2",
+                                      "trainer.accumulate_grad_batches=2"]),
     # 4 processes: experts over ep=2 inside each stage; ZeRO-1 over each stage's dp=2 ranks.
     "pp2xep2-1f1b-moe": (TINY_MOE, ["strategy=pipeline", "strategy.mesh.ep=2", "trainer.devices=4",
                                     "strategy.pipeline.microbatches=2"]),
