@@ -193,9 +193,6 @@ class Pipeline:
         the cross-entropy is 0 except on the rank that holds the last stage."""
         inputs, targets = batch
         losses: list[torch.Tensor] = []
-        # Gradients of earlier accumulation micro-steps wait aside too: the schedule divides every
-        # .grad of its stages by the number of micro-batches at the end of the step.
-        self._hold_grads()
         with self.no_sync():  # gradients accumulate over micro-batches; synced once, after the step
             self.schedule.step(*((inputs,) if self.has_first else ()),
                                target=targets if self.has_last else None, losses=losses)

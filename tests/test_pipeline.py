@@ -144,10 +144,6 @@ PP2 = ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches
 RUNS = {
     "gpipe-moe": (TINY_MOE, [*PP2, "strategy.pipeline.schedule=gpipe"]),
     "1f1b-dense": (TINY, [*PP2, "strategy.pipeline.schedule=1f1b"]),
-    # 2 accumulation micro-steps of 2 pipeline micro-batches each: the schedule's 1/m scaling must
-    # not touch the gradients of the first micro-step.
-    "1f1b-dense-accumulate2": (TINY, ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches=2",
-                                      "trainer.accumulate_grad_batches=2"]),
     # 4 processes: experts over ep=2 inside each stage; ZeRO-1 over each stage's dp=2 ranks.
     "pp2xep2-1f1b-moe": (TINY_MOE, ["strategy=pipeline", "strategy.mesh.ep=2", "trainer.devices=4",
                                     "strategy.pipeline.microbatches=2"]),
@@ -245,6 +241,8 @@ BAD = [
      r"strategy\.pipeline\.schedule='dualpipe' is not a pipeline schedule"),
     (["strategy=pipeline", "trainer.devices=2", "model.n_layers=4", "strategy.pipeline.split_points=[4]"],
      r"split_points=\[4\] does not split model\.n_layers=4 blocks into 2 stages"),
+    (["strategy=pipeline", "trainer.devices=2", "trainer.accumulate_grad_batches=2", "strategy.pipeline.microbatches=2"],
+     r"trainer\.accumulate_grad_batches=2 with strategy\.mesh\.pp=2"),
     (["strategy=pipeline", "strategy.mesh.pp=2", "strategy.mesh.dp=2", "trainer.devices=2"],
      r"strategy\.mesh\.pp=2 x strategy\.mesh\.dp=2 x strategy\.mesh\.ep=1 = 4 processes"),
 ]

@@ -127,9 +127,13 @@ def pipeline_microbatches(p, pp: int) -> int:
     return p.microbatches if p.microbatches is not None else 2 * pp
 
 
-def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int) -> None:
+def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int, accumulate: int = 1) -> None:
     """strategy.pipeline.* against the mesh, the model depth and the per-rank batch (strategy.mesh.pp > 1)."""
     pp = dims.pp
+    _require(accumulate == 1,
+             f"trainer.accumulate_grad_batches={accumulate} with strategy.mesh.pp={pp}: a pipeline step already "
+             f"accumulates gradients over its micro-batches. Set trainer.accumulate_grad_batches=1 and raise "
+             f"strategy.pipeline.microbatches instead (it must divide the per-rank batch).")
     _require(p.schedule in SCHEDULES, f"strategy.pipeline.schedule={p.schedule!r} is not a pipeline schedule. "
                                       f"Use one of {', '.join(SCHEDULES)}.")
     spr = p.stages_per_rank
@@ -223,5 +227,6 @@ def validate(cfg) -> ParallelDims:
     validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
     if dims.pp > 1:
         validate_pipeline(cfg.strategy.pipeline, dims, cfg.model.n_layers,
-                          cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches))
+                          cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches),
+                          cfg.trainer.accumulate_grad_batches)
     return dims
