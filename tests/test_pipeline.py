@@ -248,25 +248,39 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args,pattern", BAD, ids=[a[-1] for a, _ in BAD])
-def test_bad_pipeline_config_is_refused_naming_the_key(args, pattern):
-    """Every rule, on the composed config, in-process: the CLI runs the same validate() first."""
+def compose_run(overrides):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from paratrain.trainer.errors import ConfigError
     from paratrain.trainer.recipes import register_recipes
     from paratrain.trainer.schema import register_configs
-    from paratrain.trainer.validate import validate
 
     register_configs()
     register_recipes()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, *args])
+        cfg = compose(config_name="config", overrides=[*TINY, *overrides])
     GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.mark.parametrize("args,pattern", BAD, ids=[a[-1] for a, _ in BAD])
+def test_bad_pipeline_config_is_refused_naming_the_key(args, pattern):
+    """Every rule, on the composed config, in-process: the CLI runs the same validate() first."""
+    from paratrain.trainer.errors import ConfigError
+    from paratrain.trainer.validate import validate
+
     with pytest.raises(ConfigError, match=pattern):
-        validate(cfg)
+        validate(compose_run(args))
+
+
+def test_pipeline_keys_without_pp_warn_and_defaults_validate():
+    from paratrain.trainer.validate import validate
+
+    with pytest.warns(UserWarning, match=r"strategy\.pipeline\.\* is set but strategy\.mesh\.pp=1"):
+        validate(compose_run(["strategy.pipeline.schedule=gpipe"]))
+    dims = validate(compose_run(["strategy=pipeline", "trainer.devices=2"]))  # pp inferred, microbatches = 2 x pp
+    assert (dims.pp, dims.dp, dims.ep) == (2, 1, 1)
 
 
 def test_bad_pipeline_config_exits_2_before_spawning(tmp_path):

@@ -225,6 +225,11 @@ def validate(cfg) -> ParallelDims:
     dims = validate_strategy(cfg)
     # Every data rank reads a different shard of the global batch (a pipeline's stages share one).
     validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
+    p = cfg.strategy.pipeline
+    if dims.pp == 1 and (p.schedule, p.microbatches, p.stages_per_rank, p.split_points) != ("1f1b", None, 1, None):
+        warnings.warn(f"strategy.pipeline.* is set but strategy.mesh.pp=1: there is no pipeline, so the schedule, "
+                      f"micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
+                      f"trainer.devices > 1) to pipeline the model.")
     if dims.pp > 1:
         validate_pipeline(cfg.strategy.pipeline, dims, cfg.model.n_layers,
                           cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches),
