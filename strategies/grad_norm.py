@@ -9,7 +9,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .expert_parallel import dense_params, expert_params
-from .mesh import axis_size, ep_group, tp_group
+from .mesh import axis_group, axis_size, ep_group, tp_group
 from .tensor_parallel import is_tp_sharded
 
 
@@ -28,7 +28,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh=None) -> torch.Tenso
     """Clip by the norm of the whole (unsharded) gradient.
 
     ZeRO-0/1: dense gradients are whole on every rank, or (tp) split over the tp group; expert
-    shards' squares are summed over ep, tp slices' over tp; replicas are counted once.
+    shards' squares are summed over ep, tp slices' over tp; replicas are counted once; under pp every
+    stage's squares are summed over pp (each stage holds other layers).
     ZeRO-2/3 (FSDP2): every gradient is a DTensor of which each rank holds a disjoint piece (dense
     shards over all data ranks, expert slices over dp, other experts on other ep ranks), except
     along a Replicate axis (tp, for norms and plain tensors of a tp layout): the squares of the local
@@ -55,6 +56,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh=None) -> torch.Tenso
             dist.all_reduce(sliced_sq, group=tp_group(mesh))  # other tp ranks hold the other slices
         whole = [_local(p.grad) for p in dense if p.grad is not None and not is_tp_sharded(p)]
         total_sq = _squares(whole, device) + sliced_sq + expert_sq
+        if mesh is not None and "pp" in mesh.mesh_dim_names:
+            dist.all_reduce(total_sq, group=axis_group(mesh, "pp"))  # other stages hold other layers
     total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(local, coef.to(local[0].dtype))

@@ -14,7 +14,8 @@ Each parallel axis is one `apply_*` step in a file of its own; this function onl
 
 Step 7 is FSDP2 for ZeRO-2/3 (strategies/fsdp.py: it reduce-scatters gradients itself, so there
 is no gradient sync to register) and our all-reduce for ZeRO-0/1 (strategies/grad_sync.py; ZeRO-1
-shards optimizer state on top of it, strategies/zero.py). Step 1 joins when that axis lands.
+shards optimizer state on top of it, strategies/zero.py). Under pp the gradient sync covers one
+stage's ranks (`stage_mesh`): the other stages hold other layers.
 """
 
 from contextlib import nullcontext
@@ -28,15 +29,21 @@ from .activation_checkpointing import apply_activation_checkpointing
 from .expert_parallel import apply_expert_sharding, apply_token_dispatch, expert_params
 from .fsdp import apply_fsdp
 from .grad_sync import reduction_groups_for
-from .mesh import ParallelDims, ep_rank, tp_mesh
+from .mesh import ParallelDims, ep_rank, pp_rank, stage_mesh, tp_mesh
+from .pipeline_parallel import apply_pipeline_split
 from .tensor_parallel import apply_tensor_parallel, apply_tp_token_split, tp_partial_params
 
 
 def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: torch.device, zero_stage: int = 0,
-                 activation_checkpointing: str = "none", mp_policy=None, sequence_parallel: bool = True) -> list | None:
-    """Split over tp, shard experts, materialise, attach dispatch, checkpoint, then FSDP or gradient sync.
+                 activation_checkpointing: str = "none", mp_policy=None, sequence_parallel: bool = True,
+                 pipeline=None) -> list | None:
+    """Split into stages, split over tp, shard experts, materialise, attach dispatch, checkpoint, then
+    FSDP or gradient sync. `pipeline`: the strategy.pipeline config (pp > 1).
 
-    Returns the gradient reduction groups for our all-reduce: None on one process, [] under FSDP."""
+    Returns the gradient reduction groups for our all-reduce: None when no other rank holds the same
+    parameters, [] under FSDP."""
+    if dims.pp > 1:
+        apply_pipeline_split(model, dims, pp_rank(mesh), pipeline.stages_per_rank, pipeline.split_points)
     if dims.tp > 1:
         apply_tensor_parallel(model, tp_mesh(mesh), sequence_parallel)
     if dims.ep > 1:
@@ -49,10 +56,10 @@ def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: 
     if dims.tp > 1:
         apply_tp_token_split(model, tp_mesh(mesh))
     apply_activation_checkpointing(model, activation_checkpointing)
-    if dims.world_size == 1:
+    if dims.world_size == dims.pp:  # every rank of a stage is alone with its parameters
         return None
     if zero_stage >= 2:
         apply_fsdp(model, mesh, zero_stage, mp_policy)
         return []
-    return reduction_groups_for(model.parameters(), expert_params(model), mesh,
+    return reduction_groups_for(model.parameters(), expert_params(model), stage_mesh(mesh),
                                 tp_partial_params(model) if dims.tp > 1 else ())

@@ -11,9 +11,16 @@ Two halves, used at different times:
 
 Rank layout. Axes are listed outermost first and the last one is innermost:
 
-    rank = (dp_index * ep + ep_index) * tp + tp_index     # dp=2 x ep=2:  ep groups {0,1} {2,3}
+    rank = ((pp_index * dp + dp_index) * ep + ep_index) * tp + tp_index
+                                                          # dp=2 x ep=2:  ep groups {0,1} {2,3}
                                                           #               dp groups {0,2} {1,3}
                                                           # dp=2 x tp=2:  tp groups {0,1} {2,3}
+                                                          # pp=2 x dp=2:  pp groups {0,2} {1,3}
+
+pp is outermost: a pipeline's stages exchange only activations, point to point, so they can sit on
+different nodes; the ranks of one stage (its `stage_mesh`) are contiguous. An axis of degree 1 that
+only some layouts use (pp) is left out of the mesh, so the other layouts' meshes, names and log
+lines do not change.
 
 tp is innermost: a tp group (ranks that hold different slices of the same weight matrices and
 exchange activations in every block) is a run of contiguous ranks, inside a node. An ep group
@@ -21,7 +28,7 @@ exchange activations in every block) is a run of contiguous ranks, inside a node
 with the same expert shard: expert gradients are reduced over it. The ranks of one tp group read
 the same slice of the global batch: the data ranks are the (dp, ep) coordinates (`data_rank`).
 
-A new axis (tp, pp) joins by adding a field with default 1 and its name to `AXES`, in layout order.
+A new axis joins by adding a field with default 1 and its name to `AXES`, in layout order.
 """
 
 from __future__ import annotations
@@ -62,12 +69,17 @@ class ParallelDims:
     """Processes in the job: trainer.devices * trainer.num_nodes."""
     tp: int = 1
     """Tensor-parallel degree (ranks each weight matrix is split over); innermost; -1 = infer."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages the model's blocks are split over); outermost; -1 = infer."""
 
-    AXES = ("dp", "ep", "tp")
+    AXES = ("pp", "dp", "ep", "tp")
     """Axis names in layout order, outermost first; the last axis holds contiguous ranks."""
+    OPTIONAL = ("pp",)
+    """Axes left out of the mesh (and of its description) at degree 1."""
 
     def __post_init__(self) -> None:
-        requested = {axis: getattr(self, axis) for axis in self.AXES}
+        # An optional axis at its default stays out of the rules and their messages.
+        requested = {axis: getattr(self, axis) for axis in self.AXES if axis not in self.OPTIONAL or getattr(self, axis) != 1}
         resolved = _resolve(requested, self.world_size)
         for axis, degree in resolved.items():
             object.__setattr__(self, axis, degree)  # frozen: resolution happens once, here
@@ -78,32 +90,41 @@ class ParallelDims:
     @classmethod
     def from_config(cls, mesh: Any, trainer: Any) -> "ParallelDims":
         """From the `strategy.mesh` and `trainer` config nodes."""
-        return cls(dp=mesh.dp, ep=mesh.ep, tp=mesh.tp, world_size=trainer.devices * trainer.num_nodes)
+        return cls(dp=mesh.dp, ep=mesh.ep, tp=getattr(mesh, "tp", 1), pp=getattr(mesh, "pp", 1),
+                   world_size=trainer.devices * trainer.num_nodes)
 
     # --- the axes, generically -------------------------------------------------------------
 
     @property
     def axis_names(self) -> Tuple[str, ...]:
-        return self.AXES
+        """The axes of the mesh: every axis but an optional one at degree 1."""
+        return tuple(a for a in self.AXES if a not in self.OPTIONAL or getattr(self, a) > 1)
 
     @property
     def degrees(self) -> Tuple[int, ...]:
         """Degrees in `axis_names` order: the shape of the mesh."""
-        return tuple(getattr(self, axis) for axis in self.AXES)
+        return tuple(getattr(self, axis) for axis in self.axis_names)
 
     def degree(self, axis: str) -> int:
         if axis not in self.AXES:
             raise KeyError(f"no mesh axis {axis!r}; axes are {self.AXES}")
         return getattr(self, axis)
 
-    def as_dict(self) -> Dict[str, int]:
-        """{"dp": 2, "ep": 2, "tp": 1}: what summary.json and logs record as the mesh."""
-        return dict(zip(self.AXES, self.degrees))
-
     @property
     def data_ranks(self) -> int:
-        """Ranks that read different slices of the global batch: dp x ep (tp ranks share one)."""
+        """Ranks that read different slices of the global batch: dp x ep (tp ranks and a pipeline's stages share one)."""
         return self.dp * self.ep
+
+    def as_dict(self) -> Dict[str, int]:
+        """{"dp": 2, "ep": 2, "tp": 1}: what summary.json and logs record as the mesh (pp only when > 1)."""
+        return dict(zip(self.axis_names, self.degrees))
+
+    def data_rank(self, rank: int) -> int:
+        """Which slice of the global batch `rank` reads: its (dp, ep) coordinate, row-major (tp ranks
+        and a pipeline's stages share one)."""
+        coord = self.coordinate(rank)
+        return coord["dp"] * self.ep + coord["ep"]
+
 
     def data_rank(self, rank: int) -> int:
         """Which slice of the global batch `rank` reads: its (dp, ep) coordinate, row-major."""
@@ -115,14 +136,14 @@ class ParallelDims:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
         coord = {}
-        for axis, degree in reversed(list(zip(self.AXES, self.degrees))):
+        for axis, degree in reversed(list(zip(self.axis_names, self.degrees))):
             rank, coord[axis] = divmod(rank, degree)
-        return {axis: coord[axis] for axis in self.AXES}
+        return {axis: coord[axis] for axis in self.axis_names}
 
     def axis_ranks(self, axis: str, rank: int) -> List[int]:
         """The ranks that share every coordinate with `rank` except along `axis`: its group there."""
         coord = self.coordinate(rank)
-        stride = math.prod(self.degrees[self.AXES.index(axis) + 1 :])
+        stride = math.prod(self.degrees[self.axis_names.index(axis) + 1 :])
         base = rank - coord[axis] * stride
         return [base + i * stride for i in range(self.degree(axis))]
 
@@ -147,8 +168,8 @@ class ParallelDims:
 
     def describe(self, num_experts: Optional[int] = None) -> str:
         """One line for logs: "dp=2 x ep=2 over 4 processes; 4 experts per rank"."""
-        # dp and ep always (the layouts users know); later axes only when they split something.
-        axes = " x ".join(f"{axis}={degree}" for axis, degree in zip(self.AXES, self.degrees)
+        # dp and ep always (the layouts users know); other axes only when they split something.
+        axes = " x ".join(f"{axis}={degree}" for axis, degree in zip(self.axis_names, self.degrees)
                           if axis in ("dp", "ep") or degree > 1)
         plural = "process" if self.world_size == 1 else "processes"
         text = f"{axes} over {self.world_size} {plural}"
@@ -243,6 +264,19 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return mesh
 
 
+def stage_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The sub-mesh of this rank's pipeline stage (all of `mesh` without pp): the ranks that hold the
+    same layers, over which a stage's gradients are reduced."""
+    if "pp" not in mesh.mesh_dim_names:
+        return mesh
+    return mesh[tuple(a for a in mesh.mesh_dim_names if a != "pp")]
+
+
+def pp_rank(mesh: DeviceMesh) -> int:
+    """Which pipeline position this rank holds (0 without pp): stages pp_rank, pp_rank + pp, ..."""
+    return axis_rank(mesh, "pp") if "pp" in mesh.mesh_dim_names else 0
+
+
 def axis_group(mesh: DeviceMesh, axis: str) -> dist.ProcessGroup:
     """The group of ranks that differ from this one only along `axis`."""
     return mesh.get_group(axis)
@@ -301,9 +335,10 @@ def expert_replica_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 
 
 def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    """Every rank of the mesh, which is every rank of the job: dense gradients are reduced here."""
-    assert mesh.size() == dist.get_world_size(), "the mesh must cover the whole job"
-    return dist.group.WORLD
+    """Every rank of the mesh (the job, or one pipeline stage's `stage_mesh`): dense gradients are reduced here."""
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group()  # every rank calls this in the same order: a collective
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:

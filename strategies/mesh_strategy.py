@@ -4,7 +4,8 @@
 {1, 1, N} (or any product): the same code, so the layouts cannot drift apart. The strategy receives the LightningModule's plain model (built on the meta
 device) and lays it out in `setup()`: keep this rank's experts, materialise the weights, swap in
 the all-to-all dispatcher, checkpoint activations, and shard with FSDP2 (ZeRO-2/3) or register our
-bucketed gradient synchronisation (ZeRO-0/1).
+bucketed gradient synchronisation (ZeRO-0/1). With pp > 1 the model is split into stages first and
+`self.pipeline` runs each step's micro-batch schedule.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -24,8 +25,10 @@ from .grad_norm import clip_grad_norm_
 from .fsdp import mixed_precision_policy
 from .layout import apply_layout
 from .mesh import ParallelDims, build_mesh
+from .pipeline_parallel import Pipeline
 from .tensor_parallel import parallel_cross_entropy
 from .zero import OptimizerStateSharding, describe_stage
+from ..trainer.schema import PipelineConfig
 
 
 class MeshStrategy(ModelParallelStrategy):
@@ -34,7 +37,7 @@ class MeshStrategy(ModelParallelStrategy):
     def __init__(self, name: str = "single", mesh=None, bucket_size_mb: float = 25.0, zero_stage: int = 0,
                  reduce_dtype: str = "float32", activation_checkpointing: str = "none", timeout_s: float = 600.0,
                  process_group_backend: str | None = None, shard_optimizer: bool | None = None,
-                 sequence_parallel: bool = True):
+                 sequence_parallel: bool = True, pipeline=None):
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
         if shard_optimizer is not None:  # validate.py says the same before anything starts
             raise ValueError("strategy.shard_optimizer was removed: use strategy.zero_stage=1")
@@ -48,6 +51,8 @@ class MeshStrategy(ModelParallelStrategy):
         self.grad_sync = None
         self.reduction_groups = None  # [(params, process group, scale, name)] from the layout; [] under FSDP
         self.zero = None  # OptimizerStateSharding at ZeRO-1
+        self.pipeline_cfg = PipelineConfig(**(pipeline or {}))  # strategy.pipeline: used when mesh pp > 1
+        self.pipeline: Pipeline | None = None  # the task's training/validation step delegates to it when set
         self._sync_blocked = False
 
     @property
@@ -63,7 +68,7 @@ class MeshStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         Strategy.setup_environment(self)
-        self.dims = ParallelDims(world_size=self.world_size, **self.mesh_degrees)
+        self.dims = ParallelDims(world_size=self.world_size, **self.mesh_degrees)  # pp outermost: rank % data_ranks
         if self.world_size > 1:
             self._setup_distributed()  # process group with our timeout
             self.mesh = build_mesh(self.dims, self.root_device.type)
@@ -76,11 +81,16 @@ class MeshStrategy(ModelParallelStrategy):
             module.model, self.dims, self.mesh, module.seed, self.root_device, zero_stage=self.zero_stage,
             activation_checkpointing=self.activation_checkpointing,
             mp_policy=mixed_precision_policy(precision, self.reduce_dtype),
-            sequence_parallel=self.sequence_parallel)
+            sequence_parallel=self.sequence_parallel, pipeline=self.pipeline_cfg)
         if self.dims.tp > 1:
             module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
             self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
+        if self.dims.pp > 1:
+            c = self.pipeline_cfg
+            self.pipeline = Pipeline(module.model, self.dims, self.mesh, self.root_device, c.schedule, c.microbatches,
+                                     c.stages_per_rank, c.split_points,
+                                     no_sync=self.grad_sync.no_sync if self.grad_sync else _nothing)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
@@ -101,6 +111,10 @@ class MeshStrategy(ModelParallelStrategy):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.zero is not None:
             self.zero.gather_params()  # owners send the parameters they just updated
+        if self.pipeline is not None:
+            # Lightning's own zero_grad ran before the gradients were released (see backward): the
+            # next step's schedule must start from none.
+            self.lightning_module.model.zero_grad(set_to_none=True)
         return output
 
     def describe(self) -> str:
@@ -131,6 +145,18 @@ class MeshStrategy(ModelParallelStrategy):
             if fsdp:
                 self.lightning_module.model.set_requires_gradient_sync(True)
             self._sync_blocked = False
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # The pipeline schedule already ran backward inside training_step; keep the hooks around it
+        # (callbacks' on_before_backward, e.g. the NaN guard; post_backward finishes the gradient sync).
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.pipeline.release_grads()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     def post_backward(self, closure_loss) -> None:
         # Before clipping and the optimizer step: they must see the synchronised gradients.

@@ -58,13 +58,20 @@ class LanguageModelTask(L.LightningModule):
         return ce, logits
 
     def training_step(self, batch, batch_idx):
-        ce, _ = self._loss(batch)
-        aux = self.model.aux_loss()
+        pipeline = getattr(self.trainer.strategy, "pipeline", None)
+        if pipeline is not None:
+            # Pipeline stages: the schedule runs forward and backward of every micro-batch here; ce is
+            # the last stage's, aux this stage's share (each sums once over the ranks of a data slice).
+            ce, aux = pipeline.train_step(batch)
+        else:
+            ce, _ = self._loss(batch)
+            aux = self.model.aux_loss()
         self._accumulate(ce, aux)
         return ce + aux
 
     def validation_step(self, batch, batch_idx):
-        ce, _ = self._loss(batch)
+        pipeline = getattr(self.trainer.strategy, "pipeline", None)
+        ce = pipeline.eval_loss(batch) if pipeline is not None else self._loss(batch)[0]
         # Equal-size slices on every rank: the mean over ranks is the mean over the global batch.
         self.log("val/loss", ce, sync_dist=True, prog_bar=True)
         if self.token_bytes is not None:
@@ -76,10 +83,15 @@ class LanguageModelTask(L.LightningModule):
     def _metric_vector(self, ce, aux) -> torch.Tensor:
         parts = [ce.detach().float().reshape(1), (ce + aux).detach().float().reshape(1)]
         if self.moe_layers:
-            terms = self.model.aux_loss_terms()
-            parts += [terms["load_balancing"].detach().float().reshape(1), terms["z_loss"].detach().float().reshape(1)]
-            parts += [torch.stack([m.stats["dropped_fraction"].float() for m in self.moe_layers])]
-            parts += [torch.stack([m.stats["tokens_per_expert"].float() for m in self.moe_layers]).flatten()]
+            # Layers this rank did not run (other pipeline stages) add zeros: every layer is counted
+            # once per data slice when the vector is summed over ranks.
+            ran = [m for m in self.moe_layers if m.stats]
+            zero = torch.zeros((), device=self.device)
+            for key in ("load_balancing", "z_loss"):
+                parts += [(sum((m.aux_losses[key].detach().float() for m in ran), zero) / len(self.moe_layers)).reshape(1)]
+            parts += [torch.stack([m.stats.get("dropped_fraction", zero).float() for m in self.moe_layers])]
+            parts += [torch.stack([m.stats["tokens_per_expert"].float() if m.stats
+                                   else torch.zeros(m.num_experts, device=self.device) for m in self.moe_layers]).flatten()]
             parts += [torch.tensor([float(sum(m.dispatcher.last_a2a_bytes for m in self.moe_layers))])]
         return torch.cat([p.to(self.device) for p in parts])
 
@@ -92,7 +104,8 @@ class LanguageModelTask(L.LightningModule):
         """Mean over micro-batches and ranks since the last call (expert counts and bytes are summed).
 
         Every rank calls this at the same steps: it is a collective."""
-        world = self.trainer.world_size
+        # A pipeline's stages each add their part of one data slice's metrics (zeros elsewhere).
+        world = self.trainer.world_size // getattr(getattr(self.trainer.strategy, "dims", None), "pp", 1)
         total = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
         n = self._micro_batches * world
         out = {"train/loss": total[0].item() / n, "train/total_loss": total[1].item() / n}

@@ -94,13 +94,27 @@ class MeshConfig:
     """Expert-parallel degree; -1 = infer from the world size."""
     tp: int = 1
     """Tensor-parallel degree (innermost axis: weight matrices split over tp contiguous ranks); -1 = infer."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages, the outermost axis); -1 = infer from the world size."""
+
+
+@dataclass
+class PipelineConfig:
+    schedule: str = "1f1b"
+    """gpipe | 1f1b | interleaved_1f1b | zero_bubble (torch's ScheduleInterleavedZeroBubble, ZB1P)."""
+    microbatches: Optional[int] = None
+    """Micro-batches the per-rank batch is split into per optimizer step; null = 2 x strategy.mesh.pp."""
+    stages_per_rank: int = 1
+    """Stages each pp rank holds (looped: stage s on rank s % pp); > 1 for interleaved_1f1b and zero_bubble."""
+    split_points: Optional[List[int]] = None
+    """First block of each stage after the first (pp x stages_per_rank - 1 increasing indices); null = even."""
 
 
 @dataclass
 class StrategyConfig:
     _target_: str = "paratrain.strategies.MeshStrategy"
     name: str = "single"
-    """single | ddp | expert | hybrid | fsdp | tensor: how the run is laid out (for logs and summaries)."""
+    """single | ddp | expert | hybrid | fsdp | tensor | pipeline: how the run is laid out (for logs and summaries)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     """Degrees of each mesh axis; their product must equal trainer.devices * trainer.num_nodes."""
     bucket_size_mb: float = 25.0
@@ -115,6 +129,8 @@ class StrategyConfig:
     """ZeRO-2/3 with trainer.precision=bf16-mixed: dtype of the gradient reduce-scatter (float32 | bfloat16)."""
     shard_optimizer: Optional[bool] = None
     """Removed: use strategy.zero_stage=1 (setting this key is an error that says so)."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Micro-batch schedule and stage split, used when strategy.mesh.pp > 1."""
     timeout_s: float = 600.0
     """Collective timeout: a dead rank ends the job with an error after this long."""
     process_group_backend: Optional[str] = None

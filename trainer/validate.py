@@ -21,10 +21,12 @@ from ..strategies.mesh import ParallelDims
 from . import hf_init, loggers, tokenizer
 from .errors import ConfigError
 
-STRATEGIES = ("single", "ddp", "expert", "hybrid", "fsdp", "tensor")
+STRATEGIES = ("single", "ddp", "expert", "hybrid", "fsdp", "tensor", "pipeline")
 ZERO_STAGES = (0, 1, 2, 3)
 REDUCE_DTYPES = ("float32", "bfloat16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 CLUSTERS = ("local", "slurm")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -164,7 +166,7 @@ def validate_strategy(cfg) -> ParallelDims:
              f"strategy=single runs one process, but trainer.devices * trainer.num_nodes = {world_size(cfg)}. "
              f"Use strategy=ddp (or expert / hybrid for an MoE model) to train on {world_size(cfg)} processes, "
              f"or set trainer.devices=1.")
-    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, tp=s.mesh.tp, world_size=world_size(cfg))
+    dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, tp=s.mesh.tp, pp=s.mesh.pp, world_size=world_size(cfg))
     if dims.ep > 1:
         _require(cfg.model.moe is not None,
                  f"strategy={s.name} shards experts over strategy.mesh.ep={dims.ep} ranks, but the model is dense "
@@ -256,6 +258,51 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
                      f"{key}={width} is not divisible by strategy.mesh.dp={dims.dp}: under strategy.zero_stage={stage} "
                      f"each expert's matrices are split evenly over the dp ranks that hold it. Use a multiple of "
                      f"{dims.dp}, or strategy.zero_stage=1.")
+def pipeline_microbatches(p, pp: int) -> int:
+    return p.microbatches if p.microbatches is not None else 2 * pp
+
+
+def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int, accumulate: int = 1) -> None:
+    """strategy.pipeline.* against the mesh, the model depth and the per-rank batch (strategy.mesh.pp > 1)."""
+    pp = dims.pp
+    _require(accumulate == 1,
+             f"trainer.accumulate_grad_batches={accumulate} with strategy.mesh.pp={pp}: a pipeline step already "
+             f"accumulates gradients over its micro-batches. Set trainer.accumulate_grad_batches=1 and raise "
+             f"strategy.pipeline.microbatches instead (it must divide the per-rank batch).")
+    _require(p.schedule in SCHEDULES, f"strategy.pipeline.schedule={p.schedule!r} is not a pipeline schedule. "
+                                      f"Use one of {', '.join(SCHEDULES)}.")
+    spr = p.stages_per_rank
+    _require(spr >= 1, f"strategy.pipeline.stages_per_rank={spr} must be at least 1. Use 1, or 2 with an interleaved schedule.")
+    _require(spr == 1 or p.schedule in MULTI_STAGE_SCHEDULES,
+             f"strategy.pipeline.stages_per_rank={spr} needs a schedule that runs several stages per rank, but "
+             f"strategy.pipeline.schedule={p.schedule} runs one. Use schedule=interleaved_1f1b or zero_bubble, "
+             f"or stages_per_rank=1.")
+    stages = pp * spr
+    _require(n_layers >= stages,
+             f"model.n_layers={n_layers} is fewer than the {stages} pipeline stages (strategy.mesh.pp={pp} x "
+             f"strategy.pipeline.stages_per_rank={spr}): every stage needs at least one block. Use model.n_layers>={stages}, "
+             f"or fewer stages.")
+    if p.split_points is not None:
+        points = list(p.split_points)
+        ok = len(points) == stages - 1 and all(0 < a < b < n_layers for a, b in zip([0, *points], [*points, n_layers]))
+        _require(ok, f"strategy.pipeline.split_points={points} does not split model.n_layers={n_layers} blocks into "
+                     f"{stages} stages: give {stages - 1} increasing block indices between 1 and {n_layers - 1} (the first "
+                     f"block of each stage after the first), e.g. {[(i + 1) * n_layers // stages for i in range(stages - 1)]}, "
+                     f"or null for an even split.")
+    m = pipeline_microbatches(p, pp)
+    _require(m >= 1 and per_rank_batch % m == 0,
+             f"strategy.pipeline.microbatches={m} does not divide the per-rank batch of {per_rank_batch} sequences "
+             f"(data.batch_size over {dims.data_ranks} data ranks x trainer.accumulate_grad_batches): every micro-batch "
+             f"must hold the same number of sequences. Use a divisor of {per_rank_batch}, or change data.batch_size.")
+    _require(p.schedule == "gpipe" or m >= pp,
+             f"strategy.pipeline.microbatches={m} is fewer than strategy.mesh.pp={pp}: schedule={p.schedule} keeps one "
+             f"micro-batch in flight per stage, so with fewer the pipeline cannot fill. Use microbatches>={pp} "
+             f"(default 2 x pp), or schedule=gpipe.")
+    if p.schedule in MULTI_STAGE_SCHEDULES:
+        rounds = max(1, m // pp)
+        _require(m % rounds == 0,
+                 f"strategy.pipeline.microbatches={m} is not a multiple of its {rounds} rounds of strategy.mesh.pp={pp}: "
+                 f"schedule={p.schedule} runs micro-batches in rounds of about pp. Use a multiple of {pp}.")
 
 
 def validate_cluster(cfg, submitting: bool = False) -> None:
@@ -324,8 +371,26 @@ def validate(cfg) -> ParallelDims:
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
     dims = validate_strategy(cfg)
-    # Every (dp, ep) coordinate reads a different shard of the global batch; its tp ranks share one.
+    # Every (dp, ep) coordinate reads a different shard of the global batch; its tp ranks and a
+    # pipeline's stages share one.
     validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
+    p = cfg.strategy.pipeline
+    if dims.pp == 1 and (p.schedule, p.microbatches, p.stages_per_rank, p.split_points) != ("1f1b", None, 1, None):
+        warnings.warn(f"strategy.pipeline.* is set but strategy.mesh.pp=1: there is no pipeline, so the schedule, "
+                      f"micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
+                      f"trainer.devices > 1) to pipeline the model.")
+    if dims.pp > 1:
+        _require(dims.tp == 1,
+                 f"strategy.mesh.pp={dims.pp} with strategy.mesh.tp={dims.tp}: pipeline stages do not yet carry "
+                 f"tensor-parallel (DTensor) activations between them, so pp x tp and 3D layouts are not supported. "
+                 f"Use strategy.mesh.tp=1 with pipeline parallelism, or strategy.mesh.pp=1 with tensor parallelism.")
+        _require(cfg.strategy.zero_stage <= 1,
+                 f"strategy.zero_stage={cfg.strategy.zero_stage} with strategy.mesh.pp={dims.pp}: FSDP2 (ZeRO-2/3) is not "
+                 f"wired into the pipeline stages yet. Use strategy.zero_stage=0 or 1 with pipeline parallelism, or "
+                 f"strategy.mesh.pp=1 for ZeRO-2/3.")
+        validate_pipeline(cfg.strategy.pipeline, dims, cfg.model.n_layers,
+                          cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches),
+                          cfg.trainer.accumulate_grad_batches)
     resolve_targets(cfg)
     return dims
 
