@@ -188,8 +188,9 @@ def test_dry_run_writes_the_plan_and_runs_nothing(tmp_path):
     assert plan["params_per_rank"] == plan["params_total"] - experts + experts // 8
     assert plan["a2a_bytes_per_step"] > 0 and plan["bytes_per_rank"]["activations"] > 0
     assert "46.703 B total" in done.stdout and "plan written to" in done.stdout
-    # Nothing ran: no metrics, no summary, no checkpoints (8 ranks on this machine would have shown).
-    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["plan.json"]
+    # Nothing ran: no metrics, no summary, no checkpoints (Hydra's own train.log and .hydra/ only).
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["plan.json", "train.log"]
+    assert "rank" not in (run_dir / "train.log").read_text()
     print(f"dry_run of mixtral_8x7b: {wall:.1f} s wall, including the interpreter and imports")
 
 
