@@ -54,7 +54,7 @@ def compare_forward_backward(ours, theirs, x, pairs):
 
 
 def test_deepseek_v3_bias_route_scale_and_group_routing_match_hf():
-    tf = pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers", minversion="5.0")  # experts stacked as gate_up_proj (v5)
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_deepseek_v3_bias_route_scale_and_group_routing_match_hf():
 
 
 def test_qwen2_moe_shared_expert_gate_and_width_match_hf():
-    tf = pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers", minversion="5.0")  # experts stacked as gate_up_proj (v5)
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     torch.manual_seed(1)
@@ -130,7 +130,7 @@ def test_qwen2_moe_shared_expert_gate_and_width_match_hf():
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(2, True), (1, False), (4, True)])
 def test_gqa_and_tied_embeddings_match_hf_llama(n_kv_heads, tied):
-    tf = pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers", minversion="5.0")  # experts stacked as gate_up_proj (v5)
 
     torch.manual_seed(2)
     d, heads, layers, ffn, vocab = 32, 4, 2, 64, 256
