@@ -90,7 +90,7 @@ def activation_elements(m, tokens: int) -> dict[str, int]:
             out["ffn"] += ffn
         else:
             out["ffn"] += 3 * n * d + 4 * n * m.ffn_dim
-    if _get(m, "activation_checkpointing", False):
+    if _get(m, "activation_checkpointing", None) not in (None, False, "none", ""):
         # Checkpointed blocks keep only their input; one block's activations exist at a time in backward.
         per_block = (out["attention"] + out["ffn"]) // m.n_layers
         out = {"block_inputs": m.n_layers * n * d, "recompute": per_block, "head": out["head"]}
