@@ -73,9 +73,9 @@ LAYOUTS = {  # name: (world, overrides); expert layouts apply to the MoE recipes
     "single": (1, ["strategy=single"]),
     "ddp2": (2, ["strategy=ddp", "trainer.devices=2"]),
     "expert2": (2, ["strategy=expert", "trainer.devices=2"]),
-    "ddp2-zero1": (2, ["strategy=ddp", "trainer.devices=2", "strategy.shard_optimizer=true"]),
+    "ddp2-zero1": (2, ["strategy=ddp", "trainer.devices=2", "strategy.zero_stage=1"]),
     "hybrid2x2-zero1": (4, ["strategy=hybrid", "strategy.mesh.dp=2", "strategy.mesh.ep=2", "trainer.devices=4",
-                            "strategy.shard_optimizer=true"]),
+                            "strategy.zero_stage=1"]),
 }
 
 
@@ -154,7 +154,7 @@ def _cases(compose_run, layout):
 
 def _measure_all(rank, world_size, cases):
     return {recipe: measure_step(rank, world_size, cfg, plan["mesh"]["dp"], plan["mesh"]["ep"],
-                                 bool(cfg.strategy.shard_optimizer)) for recipe, cfg, plan in cases}
+                                 cfg.strategy.zero_stage == 1) for recipe, cfg, plan in cases}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -188,8 +188,9 @@ def test_dry_run_writes_the_plan_and_runs_nothing(tmp_path):
     assert plan["params_per_rank"] == plan["params_total"] - experts + experts // 8
     assert plan["a2a_bytes_per_step"] > 0 and plan["bytes_per_rank"]["activations"] > 0
     assert "46.703 B total" in done.stdout and "plan written to" in done.stdout
-    # Nothing ran: no metrics, no summary, no checkpoints (8 ranks on this machine would have shown).
-    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["plan.json"]
+    # Nothing ran: no metrics, no summary, no checkpoints (Hydra's own train.log and .hydra/ only).
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["plan.json", "train.log"]
+    assert "rank" not in (run_dir / "train.log").read_text()
     print(f"dry_run of mixtral_8x7b: {wall:.1f} s wall, including the interpreter and imports")
 
 
@@ -200,7 +201,7 @@ def test_run_whose_plan_does_not_fit_exits_2_before_spawning(tmp_path):
     assert "Traceback" not in done.stderr
     msg = done.stderr
     assert "needs" in msg and "GiB for 2 ranks on this node" in msg and "host RAM" in msg, msg
-    for key in ("data.batch_size", "data.seq_len", "strategy.mesh.ep", "strategy.shard_optimizer", "trainer.precision"):
+    for key in ("data.batch_size", "data.seq_len", "strategy.mesh.ep", "strategy.zero_stage", "trainer.precision"):
         assert key in msg, (key, msg)
     assert not (run_dir / "metrics.csv").exists() and not (run_dir / "summary.json").exists()
     assert not (run_dir / "checkpoints").exists()

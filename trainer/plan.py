@@ -48,11 +48,8 @@ def _precision_bytes(precision: str) -> tuple[int, int]:
 
 
 def zero_stage(strategy) -> int:
-    """strategy.zero_stage where a strategy has it; else ZeRO-1 when strategy.shard_optimizer."""
-    stage = _get(strategy, "zero_stage")
-    if stage is not None:
-        return int(stage)
-    return 1 if _get(strategy, "shard_optimizer", False) else 0
+    """strategy.zero_stage (0 when a config predates it)."""
+    return int(_get(strategy, "zero_stage", 0) or 0)
 
 
 def _optimizer_slots(opt) -> int:
@@ -90,7 +87,7 @@ def activation_elements(m, tokens: int) -> dict[str, int]:
             out["ffn"] += ffn
         else:
             out["ffn"] += 3 * n * d + 4 * n * m.ffn_dim
-    if _get(m, "activation_checkpointing", False):
+    if _get(m, "activation_checkpointing", None) not in (None, False, "none", ""):
         # Checkpointed blocks keep only their input; one block's activations exist at a time in backward.
         per_block = (out["attention"] + out["ffn"]) // m.n_layers
         out = {"block_inputs": m.n_layers * n * d, "recompute": per_block, "head": out["head"]}
@@ -230,8 +227,8 @@ def refusal(plan: dict) -> str:
     return (f"the plan needs {mem['needed_bytes'] / GIB:.2f} GiB for {who} ({b['total'] / GIB:.2f} GiB per rank: {parts} GiB), "
             f"but {mem['source']} is {mem['available_bytes'] / GIB:.2f} GiB: the run would run out of memory. "
             f"Lower data.batch_size or data.seq_len (activations), raise trainer.accumulate_grad_batches, add ranks "
-            f"(trainer.devices, trainer.num_nodes) with strategy.mesh.ep (experts) or strategy.shard_optimizer=true "
-            f"(optimizer state), use trainer.precision=bf16-true, or a smaller model.* (d_model, n_layers, "
+            f"(trainer.devices, trainer.num_nodes) with strategy.mesh.ep (experts) or strategy.zero_stage=1/2/3 "
+            f"(optimizer state, gradients, parameters), use trainer.precision=bf16-true, or a smaller model.* (d_model, n_layers, "
             f"model.moe.num_experts). `train ... dry_run=true` prints the plan without running.")
 
 
