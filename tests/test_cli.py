@@ -68,7 +68,7 @@ def test_console_script_runs_from_any_directory(tmp_path):
 def test_help_lists_groups_recipes_and_examples():
     done = subprocess.run([sys.executable, "-m", "paratrain.trainer.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "recipe: dense_baseline, moe_8x" in done.stdout and "strategy: ddp, expert, hybrid, single" in done.stdout
+    assert "recipe: dense_baseline, moe_8x" in done.stdout and "strategy: auto, ddp, expert, hybrid, single" in done.stdout
     assert "train +recipe=moe_8x strategy=expert trainer.devices=2" in done.stdout
 
 
@@ -84,7 +84,7 @@ BAD = [
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
     (["trainer.accelerator=tpu"], r"trainer\.accelerator='tpu' is not supported.*cpu, gpu, cuda, auto"),
     (["model.moe.num_experts=4"], r"model\.moe\.num_experts=4 sets a key inside model\.moe.*dense.*`train model=moe "),
-    (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
+    (["strategy=single", "trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
     (["+recipe=moe_8x", "strategy=expert", "trainer.devices=3"],
      r"model\.moe\.num_experts=8 is not divisible by strategy\.mesh\.ep=3"),
     (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.ep=4", "trainer.devices=2"], r"strategy\.mesh\.ep=4.*2"),

@@ -8,6 +8,7 @@
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 import hydra
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from .data import ByteDataModule, checked_token_files
-from .errors import ConfigError, explain_composition_error, hold_stderr, release_stderr, stderr_held
+from .errors import (ConfigError, explain_composition_error, full_error, hold_stderr, quote_home_paths, release_stderr,
+                     stderr_held)
 from .models.transformer import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
@@ -99,6 +101,8 @@ def hydra_main(cfg: DictConfig) -> None:
         else:
             run(cfg)
     except ConfigError as e:
+        if full_error():
+            traceback.print_exc()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
 
@@ -108,6 +112,7 @@ def main() -> None:
     # stderr is held while Hydra composes (until hydra_main or a sweep starts), so that a composition
     # error can be explained. The state lives in errors.py: sweep launchers pickle hydra_main by value.
     hold_stderr()
+    sys.argv[1:] = quote_home_paths(sys.argv[1:])  # Lightning's per-rank re-runs reuse sys.argv as fixed here
     try:
         hydra_main()
     except SystemExit as e:
@@ -118,6 +123,15 @@ def main() -> None:
             sys.exit(ConfigError.exit_code)
         sys.stderr.write(held)
         raise
+    except Exception:  # HYDRA_FULL_ERROR=1: Hydra raises a composition error instead of exiting 1
+        if not stderr_held():
+            raise
+        sys.stderr.write(release_stderr())
+        trace = traceback.format_exc()
+        sys.stderr.write(trace)
+        explained = explain_composition_error(trace, sys.argv[1:])
+        sys.stderr.write(explained if explained != trace else "Error: the config did not compose (above).\n")
+        sys.exit(ConfigError.exit_code)
     finally:
         sys.stderr.write(release_stderr())
     if sweep.failed_jobs():  # a sweep ran every job; some failed (sweep_summary.md says which and why)
