@@ -44,6 +44,12 @@ def quiet_lightning() -> None:
     # Noise on this stack: SLURM runs go through cluster=slurm, and a deprecation inside Lightning.
     warnings.filterwarnings("ignore", message=".*`srun` command is available on your system.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Lightning's advertisement for its cloud logger, printed on every Trainer(logger=False).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advert)
+
+
+def no_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
 
 
 def run(cfg: DictConfig) -> RunDirectory:
@@ -67,10 +73,10 @@ def run(cfg: DictConfig) -> RunDirectory:
     strategy = hydra.utils.instantiate(cfg.strategy, mesh=dict(cfg.strategy.mesh), _convert_="all")
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
     layout = {"strategy": cfg.strategy.name, "mesh": {"dp": dims.dp, "ep": dims.ep}, "layout": dims.describe(num_experts)}
-    run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps)
+    run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps,
+                                 token_unit="token" if cfg.data.source == "tokens" else "byte")
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
-    log.info("run directory: %s", run_dir)
 
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,

@@ -114,6 +114,8 @@ def validate_keys(node, prefix: str = "") -> None:
         return  # free-form (extra: {...}) or a leaf
     names = {f.name for f in dataclasses.fields(declared)}
     for key in node.keys():
+        if not prefix and key == "hydra":
+            continue  # Hydra's own node, in a config composed outside a task (a sweep's jobs)
         full_key = f"{prefix}{key}"
         _require(key in names, unknown_key_error(full_key))
         child = node._get_node(key)
