@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM cluster on this machine for tests/test_slurm.py (see DESIGN.md, "Testing
-# distributed code"). Idempotent: a cluster that already answers is left alone. Needs root and
-# Debian's packages; without them it says why and exits 1, and the SLURM tests skip with that reason.
+# Start a single-node SLURM cluster on this machine, for tests/test_slurm.py and for trying cluster=slurm
+# (README.md, "A SLURM cluster on your own machine"). Idempotent: a cluster that already answers is left
+# alone. Needs root and Debian's packages; without them it says why and exits 1, and the SLURM tests
+# skip with that reason. The slurm.conf it writes is below (one node, CPUs=$(nproc --all), OverSubscribe).
 #
 #   bash .ci/slurm-up.sh          # install if needed, start munged, slurmctld, slurmd; wait for the node
 #

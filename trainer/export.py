@@ -12,6 +12,7 @@ No optimizer state, no pickle.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def export(checkpoint, out) -> Path:
                 "paratrain.step": str(meta.get("global_step")), "paratrain.checkpoint": str(path)}
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
+    tmp.chmod(0o666 & ~os.umask(os.umask(0)))  # safetensors creates 0600; a file we write gets the umask's mode
     tmp.replace(out)
     out.with_suffix(".json").write_text(json.dumps(
         {"format": FORMAT, "step": meta.get("global_step"), "checkpoint": str(path), "config": config}, indent=2) + "\n")
