@@ -178,6 +178,7 @@ class RunDirectory(L.Callback):
             self._flush()
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
             print(self.report, flush=True)
+            self.report = None
 
     def teardown(self, trainer, pl_module, stage):
         # After every on_train_end: the progress bar is closed, so the block is not torn by it.

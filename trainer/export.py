@@ -43,7 +43,9 @@ def export(checkpoint, out) -> Path:
                 "paratrain.step": str(meta.get("global_step")), "paratrain.checkpoint": str(path)}
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
-    tmp.chmod(0o666 & ~os.umask(os.umask(0)))  # safetensors creates 0600; a file we write gets the umask's mode
+    umask = os.umask(0)  # read it (os has no getter) and put it back
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates its file 0600; like our other files, it gets the umask's mode
     tmp.replace(out)
     out.with_suffix(".json").write_text(json.dumps(
         {"format": FORMAT, "step": meta.get("global_step"), "checkpoint": str(path), "config": config}, indent=2) + "\n")
