@@ -49,11 +49,11 @@ SKIP = [
     (r"\bpython -m pytest\b", "runs the whole test suite, which contains this test", lambda: True),
     (r"trainer\.accelerator=gpu", "needs CUDA GPUs", _no_cuda),
     (r"trainer\.num_nodes=[2-9]", "needs a SLURM cluster of several nodes; the local one has one", _no_slurm_multinode),
-    (r"data\.path=/data/", "reads the user's own token file", lambda: not Path("/data/train.u16").exists()),
     (r"^sudo ", "needs root and sudo", _not_root),
 ]
 # Placeholders the README asks the reader to fill in, and what fills them here.
-PLACEHOLDERS = {"multirun/DATE/TIME": lambda sandbox: str(newest(sandbox, "multirun/*/*"))}
+PLACEHOLDERS = {"multirun/DATE/TIME": lambda sandbox: str(newest(sandbox, "multirun/*/*")),
+                "/data/train.u16": lambda sandbox: str(sandbox / "train.u16")}
 
 
 def readme_commands() -> list[str]:
@@ -87,8 +87,12 @@ def skip_reason(command: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    """A directory to run the examples in, with a HOME that has a ~/corpus for `data=text`."""
+    """A directory to run the examples in, with a HOME that has a ~/corpus for `data=text`, and a token file."""
+    import array
+
     root = tmp_path_factory.mktemp("readme")
+    with open(root / "train.u16", "wb") as f:  # byte values as uint16 tokens: below vocab_size=256
+        array.array("H", list((REPO / "trainer" / "cli.py").read_bytes() * 20)).tofile(f)
     corpus = root / "home" / "corpus" / "src"
     corpus.mkdir(parents=True)
     for source in sorted((REPO / "trainer").glob("*.py")):
