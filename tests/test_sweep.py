@@ -66,7 +66,7 @@ def test_a_failed_job_is_reported_and_the_others_still_run(tmp_path, capsys):
     assert good["status"] == "completed" and good["steps"] == 6
     rows = read_table(sweep_dir)
     assert [r["status"] for r in rows] == ["failed", "completed"]
-    assert "optimizer.lr=1e30" in rows[0]["overrides"] and "NonFiniteLossError" in rows[0]["error"]
+    assert rows[0]["overrides"] == "optimizer.lr=1e+30" and "NonFiniteLossError" in rows[0]["error"]  # as Hydra writes it
     assert "1 failed" in (sweep_dir / "sweep_summary.md").read_text()
     assert "NonFiniteLossError" in done.stdout  # the sweep's own log names the failed job and why
 
@@ -74,7 +74,7 @@ def test_a_failed_job_is_reported_and_the_others_still_run(tmp_path, capsys):
     for name in ("sweep_summary.csv", "sweep_summary.md", "sweep_summary.png"):
         (sweep_dir / name).unlink()
     sweep.main([str(sweep_dir)])  # `paratrain-sweep-summary SWEEP_DIR`
-    assert "| optimizer.lr=3e-3 | completed |" in capsys.readouterr().out
+    assert "| optimizer.lr=0.003 | completed |" in capsys.readouterr().out
     assert read_table(sweep_dir) == rows and (sweep_dir / "sweep_summary.png").exists()
 
 
