@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM cluster on this machine for tests/test_slurm.py (see DESIGN.md, "Testing
-# distributed code"). Idempotent: a cluster that already answers is left alone. Needs root and
-# Debian's packages; without them it says why and exits 1, and the SLURM tests skip with that reason.
+# Start a single-node SLURM cluster on this machine, for tests/test_slurm.py and for trying cluster=slurm
+# (README.md, "A SLURM cluster on your own machine"). Idempotent: a cluster that already answers is left
+# alone. Needs root and Debian's packages; without them it says why and exits 1, and the SLURM tests
+# skip with that reason. The slurm.conf it writes is below (one node, CPUs=$(nproc --all): plain nproc obeys OMP_NUM_THREADS).
 #
 #   bash .ci/slurm-up.sh          # install if needed, start munged, slurmctld, slurmd; wait for the node
 #
@@ -66,7 +67,7 @@ SlurmdLogFile=$DIR/slurmd.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=$NODE CPUs=$(nproc) State=UNKNOWN
+NodeName=$NODE CPUs=$(nproc --all) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
 
@@ -74,7 +75,7 @@ pgrep -x slurmctld >/dev/null || slurmctld -c || fail "slurmctld did not start (
 pgrep -x slurmd >/dev/null || slurmd || fail "slurmd did not start (see $DIR/slurmd.log)"
 
 for _ in $(seq 60); do
-    up && { echo "slurm-up: cluster up on $NODE ($(nproc) CPUs)"; exit 0; }
+    up && { echo "slurm-up: cluster up on $NODE ($(nproc --all) CPUs)"; exit 0; }
     scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
     sleep 1
 done

@@ -125,7 +125,7 @@ def rank_main(rank, world, port, overrides, microbatches, steps, warmup, out_dir
         for m in microbatches:
             pcfg = PipelineConfig(schedule=schedule, microbatches=m, stages_per_rank=v)
             model = build_model(cfg.model, cfg.seed, device="meta")
-            apply_layout(model, dims, mesh, cfg.seed, torch.device("cpu"), pcfg)
+            apply_layout(model, dims, mesh, cfg.seed, torch.device("cpu"), pipeline=pcfg)
             pipe = Pipeline(model, dims, mesh, torch.device("cpu"), schedule, m, v)
             busy: list[float] = []
             for stage in pipe.stages:

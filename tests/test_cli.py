@@ -88,7 +88,7 @@ BAD = [
     (["strategy=expert", "trainer.devices=2"], r"dense.*no experts to shard"),
     (["trainer.accelerator=tpu"], r"trainer\.accelerator='tpu' is not supported.*cpu, gpu, cuda, auto"),
     (["model.moe.num_experts=4"], r"model\.moe\.num_experts=4 sets a key inside model\.moe.*dense.*`train model=moe "),
-    (["trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
+    (["strategy=single", "trainer.devices=2"], r"strategy=single runs one process.*strategy=ddp"),
     (["+recipe=moe_8x", "strategy=expert", "trainer.devices=3"],
      r"model\.moe\.num_experts=8 is not divisible by strategy\.mesh\.ep=3"),
     (["+recipe=moe_8x", "strategy=hybrid", "strategy.mesh.ep=4", "trainer.devices=2"], r"strategy\.mesh\.ep=4.*2"),

@@ -79,7 +79,7 @@ def pipelined_grads(rank, world_size, cfg, mesh_degrees, layouts):
     for schedule, microbatches, stages_per_rank in layouts:
         pcfg = PipelineConfig(schedule=schedule, microbatches=microbatches, stages_per_rank=stages_per_rank)
         model = build_model(cfg, SEED, device="meta")
-        groups = apply_layout(model, dims, mesh, SEED, torch.device("cpu"), pcfg)
+        groups = apply_layout(model, dims, mesh, SEED, torch.device("cpu"), pipeline=pcfg)
         sync = GradientSync(groups, bucket_size_mb=0.01) if groups else None
         pipe = Pipeline(model, dims, mesh, torch.device("cpu"), schedule, microbatches, stages_per_rank,
                         no_sync=sync.no_sync if sync else contextlib.nullcontext)

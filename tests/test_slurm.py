@@ -222,8 +222,8 @@ def test_slurm_sweep_rules_name_the_key_and_the_fix(overrides, swept, pattern, c
 def test_slurm_parameters_follow_the_trainer(compose_slurm, monkeypatch, tmp_path):
     from paratrain.trainer.launch.slurm import launcher_parameters, prepare_sweep
 
-    fake = tmp_path / "sbatch"
-    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake = tmp_path / "sbatch"  # asked only `sbatch --test-only` (would it accept the job?): yes
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --test-only ] || exit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
 

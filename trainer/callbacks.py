@@ -9,6 +9,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import time
 from pathlib import Path
 
@@ -28,10 +29,13 @@ def peak_rss_mb() -> float:
 
 
 class RunDirectory(L.Callback):
-    def __init__(self, run_dir: str, params: dict, layout: dict, log_every_n_steps: int, loggers=(), hparams=None):
+    def __init__(self, run_dir: str, params: dict, layout: dict, log_every_n_steps: int, loggers=(), hparams=None,
+                 token_unit: str = "byte"):
         self.run_dir = Path(run_dir)
         self.loggers, self.hparams = list(loggers), hparams or {}  # experiment loggers (trainer/loggers.py): fed each row
         self._sent: tuple[int, set] = (-1, set())  # the step and keys last sent to the loggers
+        self.token_unit = token_unit  # "byte" for byte-level data: losses are then also given in bits per byte
+        self.report: str | None = None  # the end-of-run block, printed once the progress bar is closed
         self.params, self.layout, self.log_every = params, layout, log_every_n_steps
         self.rows: list[dict] = []  # written rows; kept for plots and the summary
         self._pending: dict | None = None  # the newest row, open until the next one (val/loss may join it)
@@ -44,6 +48,10 @@ class RunDirectory(L.Callback):
         self.stopped_by: dict | None = None  # set by trainer/stop_signals.py when a signal ended the run early
         self.val_columns: list[str] = []  # per-byte validation loss, when the data knows bytes per token
         self._grad_bytes: int | None = None  # gradient bytes this rank holds during a step
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:  # once, not once per rank
+            log.info("run directory: %s", self.run_dir)
 
     # --- timing -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -88,6 +96,10 @@ class RunDirectory(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step_done and step >= trainer.max_steps:
+            # Stopping through should_stop makes Lightning validate after this step, so every run (and
+            # every resumed run) ends with a val/loss of its final weights, whatever val_check_interval.
+            trainer.should_stop = True
         if step_done and (step % self.log_every == 0 or step >= trainer.max_steps):
             metrics = pl_module.reduce_step_metrics()  # collective: every rank, same steps
             now = time.perf_counter()
@@ -197,9 +209,17 @@ class RunDirectory(L.Callback):
             self._flush()
             self.write_summary(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
             self._finalize_loggers("failed")
+            print(self.report, flush=True)
+            self.report = None
 
     def _finalize_loggers(self, status: str) -> None:
         finish_loggers(self.loggers, status)
+
+    def teardown(self, trainer, pl_module, stage):
+        # After every on_train_end: the progress bar is closed, so the block is not torn by it.
+        if self.report and trainer.is_global_zero:
+            print(self.report, flush=True)
+            self.report = None
 
     def write_summary(self, trainer, pl_module, status, peak_rss=None, params_per_rank=None, optimizer_state_bytes=None,
                       error=None, extra=None, held=None):
@@ -232,6 +252,7 @@ class RunDirectory(L.Callback):
             summary["error"] = error
         summary.update(extra or {})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.report = end_of_run_block(summary, self.run_dir, self.token_unit, trainer.max_steps)
         plots = self.run_dir / "plots"
         if self.rows:
             plot_loss_curve(self.rows, plots / "loss.png")
@@ -239,9 +260,56 @@ class RunDirectory(L.Callback):
             plot_expert_load(self.load_history, plots / "expert_load.png")
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its own overrides, with resume=auto and its run directory pinned."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        own = [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:  # not under Hydra (a test building the callback by hand)
+        own = []
+    keep = [o for o in own if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["train", *keep, "resume=auto", f"hydra.run.dir={run_dir}"])
+
+
+def end_of_run_block(s: dict, run_dir: Path, token_unit: str, max_steps: int) -> str:
+    """What a person reads when a run ends: how it went, where it is, how to continue it."""
+    def loss(value):
+        if value is None:
+            return "n/a"
+        bits = f" = {value / math.log(2):.3f} bits/{token_unit}" if math.isfinite(value) else ""
+        return f"{value:.4f} nats{bits}"
+
+    steps = f"{s['steps']}/{max_steps} steps" + (f" (resumed from step {s['resumed_from_step']})"
+                                                 if s.get("resumed_from_step") else "")
+    lines = [f"run {s['status']}: {steps}" + (f": {s['error']}" if s.get("error") else ""),
+             f"  final loss     train {loss(s.get('final_loss'))}, val {loss(s.get('final_val_loss'))}",
+             f"  throughput     {s['tokens_per_s']:,.0f} tokens/s over {s['world_size']} process"
+             f"{'es' if s['world_size'] > 1 else ''} ({s.get('layout', s.get('strategy'))})",
+             f"  wall time      {s['wall_s']:.1f} s",
+             f"  peak memory    {s['peak_rss_mb']:,.0f} MB RSS (the largest process)",
+             f"  run directory  {run_dir}",
+             f"  resume with    {resume_command(run_dir)}"]
+    return "\n".join(lines)
+
+
 class StepProgressBar(TQDMProgressBar):
-    """Lightning's bar, labelled by what a run counts (batches towards max_steps), not "Epoch 0/-2"."""
+    """Lightning's bar, labelled by what a run counts (batches towards max_steps), not "Epoch 0/-2".
+
+    Its total is the run's max_steps; a resumed run's bar starts at the checkpoint's step, and its
+    rate counts only the batches this process trained."""
+
+    def on_train_start(self, trainer, *args):
+        super().on_train_start(trainer, *args)
+        self._start_at(trainer)  # a run resumed mid-epoch gets no on_train_epoch_start
 
     def on_train_epoch_start(self, trainer, *args):
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("train")
+        self._start_at(trainer)
+
+    def _start_at(self, trainer):
+        bar = self.train_progress_bar
+        done = trainer.global_step * trainer.accumulate_grad_batches
+        bar.reset(total=trainer.max_steps * trainer.accumulate_grad_batches)
+        bar.initial = bar.n = bar.last_print_n = done  # tqdm's rate is (n - initial) / elapsed
+        bar.set_description("train")

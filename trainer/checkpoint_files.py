@@ -92,7 +92,9 @@ def resolve_resume(cfg, run_dir, module=None) -> str | None:
     if resume == "auto":
         found = complete_checkpoints(Path(run_dir) / "checkpoints", warn=True)
         if not found:
-            log.info("resume=auto: no complete checkpoint in %s, starting fresh", Path(run_dir) / "checkpoints")
+            log.warning("resume=auto found no complete checkpoint in %s: this starts a FRESH run from step 0 there. "
+                        "If you meant to continue a run, stop now (Ctrl-C) and check hydra.run.dir.",
+                        Path(run_dir) / "checkpoints")
             return None
         path = found[-1]
     else:

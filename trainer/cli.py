@@ -8,6 +8,7 @@
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 import hydra
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from .data import ByteDataModule, checked_token_files
-from .errors import ConfigError, explain_composition_error, hold_stderr, release_stderr, stderr_held
+from .errors import (ConfigError, explain_composition_error, full_error, hold_stderr, quote_home_paths, release_stderr,
+                     stderr_held)
 from .models.transformer import build_model, count_params
 from .module import LanguageModelTask
 from .recipes import register_recipes
@@ -45,6 +47,12 @@ def quiet_lightning() -> None:
     # Noise on this stack: SLURM runs go through cluster=slurm, and a deprecation inside Lightning.
     warnings.filterwarnings("ignore", message=".*`srun` command is available on your system.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Lightning's advertisement for its cloud logger, printed on every Trainer(logger=False).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advert)
+
+
+def no_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
 
 
 def _validated(cfg: DictConfig):
@@ -88,11 +96,12 @@ def run(cfg: DictConfig) -> RunDirectory:
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
     layout = {"strategy": cfg.strategy.name, "mesh": dims.as_dict(), "zero_stage": cfg.strategy.zero_stage,
               "layout": describe_stage(dims.describe(num_experts), cfg.strategy.zero_stage)}
+    byte_level = cfg.data.source != "tokens" and cfg.data.get("tokenizer", "bytes") == "bytes"
     run_directory = RunDirectory(run_dir, count_params(model, cfg.model), layout, t.log_every_n_steps,
-                                 loggers=loggers.build_loggers(cfg.logger, run_dir), hparams=loggers.hyperparameters(cfg))
+                                 loggers=loggers.build_loggers(cfg.logger, run_dir), hparams=loggers.hyperparameters(cfg),
+                                 token_unit="byte" if byte_level else "token")
     ckpt_path = resolve_resume(cfg, run_dir, task)  # checked before anything in run_dir is written
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints, cfg, run_directory)
-    log.info("run directory: %s", run_dir)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))) == 0:
         planning.write_plan(plan, run_dir)
 
@@ -132,6 +141,8 @@ def hydra_main(cfg: DictConfig) -> None:
         else:
             run(cfg)
     except ConfigError as e:
+        if full_error():
+            traceback.print_exc()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
 
@@ -141,6 +152,7 @@ def main() -> None:
     # stderr is held while Hydra composes (until hydra_main or a sweep starts), so that a composition
     # error can be explained. The state lives in errors.py: sweep launchers pickle hydra_main by value.
     hold_stderr()
+    sys.argv[1:] = quote_home_paths(sys.argv[1:])  # Lightning's per-rank re-runs reuse sys.argv as fixed here
     try:
         hydra_main()
     except SystemExit as e:
@@ -151,6 +163,15 @@ def main() -> None:
             sys.exit(ConfigError.exit_code)
         sys.stderr.write(held)
         raise
+    except Exception:  # HYDRA_FULL_ERROR=1: Hydra raises a composition error instead of exiting 1
+        if not stderr_held():
+            raise
+        sys.stderr.write(release_stderr())
+        trace = traceback.format_exc()
+        sys.stderr.write(trace)
+        explained = explain_composition_error(trace, sys.argv[1:])
+        sys.stderr.write(explained if explained != trace else "Error: the config did not compose (above).\n")
+        sys.exit(ConfigError.exit_code)
     finally:
         sys.stderr.write(release_stderr())
     if sweep.failed_jobs():  # a sweep ran every job; some failed (sweep_summary.md says which and why)

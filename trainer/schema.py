@@ -113,8 +113,9 @@ class PipelineConfig:
 @dataclass
 class StrategyConfig:
     _target_: str = "paratrain.strategies.MeshStrategy"
-    name: str = "single"
-    """single | ddp | expert | hybrid | fsdp | tensor | pipeline: how the run is laid out (for logs and summaries)."""
+    name: str = "auto"
+    """auto | single | ddp | expert | hybrid | fsdp | tensor | pipeline: how the run is laid out; auto picks
+    single, ddp, expert or hybrid from the world size and the model."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     """Degrees of each mesh axis; their product must equal trainer.devices * trainer.num_nodes."""
     bucket_size_mb: float = 25.0

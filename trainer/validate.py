@@ -4,10 +4,13 @@ Single-key typing is the schema's job (trainer/schema.py); here live the rules t
 Each failure is a ConfigError naming the key, the value, the rule and the fix.
 """
 
+import dataclasses
 import difflib
 import glob
 import importlib
 import inspect
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -15,12 +18,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..strategies.mesh import ParallelDims
 from . import hf_init, loggers, tokenizer
-from .errors import ConfigError
+from .errors import ConfigError, unknown_key_error
 
+log = logging.getLogger("paratrain")
+# and "auto", which resolve_auto_strategy turns into single, ddp, expert or hybrid
 STRATEGIES = ("single", "ddp", "expert", "hybrid", "fsdp", "tensor", "pipeline")
 ZERO_STAGES = (0, 1, 2, 3)
 REDUCE_DTYPES = ("float32", "bfloat16")
@@ -157,6 +162,52 @@ def validate_trainer(t) -> None:
     _require(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} is not supported. Use one of {', '.join(PRECISIONS)}.")
     _require(t.gradient_clip_val is None or t.gradient_clip_val > 0,
              f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive, or null for no clipping.")
+
+
+def validate_keys(node, prefix: str = "") -> None:
+    """Every key is one the schema declares: a `+key=value` override is not checked by Hydra (it adds the key)."""
+    declared = node._metadata.object_type if isinstance(node, DictConfig) else None
+    if not dataclasses.is_dataclass(declared):
+        return  # free-form (extra: {...}) or a leaf
+    names = {f.name for f in dataclasses.fields(declared)}
+    for key in node.keys():
+        if not prefix and key == "hydra":
+            continue  # Hydra's own node, in a config composed outside a task (a sweep's jobs)
+        full_key = f"{prefix}{key}"
+        _require(key in names, unknown_key_error(full_key))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            validate_keys(child, f"{full_key}.")
+
+
+def first_process() -> bool:
+    """False in the ranks a launcher started after the first (Lightning, torchrun, srun): they would repeat its logs."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def resolve_auto_strategy(cfg, announce: bool = True) -> None:
+    """strategy=auto (the default) becomes single, ddp, expert or hybrid, from the world size and the model.
+
+    1 process: single. A dense model: ddp. An MoE model: experts split over ep = gcd(num_experts,
+    trainer.devices) ranks inside each node (all-to-all stays on a node's fast links), replicated over
+    the rest: ep = 1 is ddp, ep = world size is expert, anything between is hybrid."""
+    s = cfg.strategy
+    if s.name != "auto":
+        return
+    for axis in ("dp", "ep"):
+        _require(s.mesh[axis] == -1,
+                 f"strategy=auto picks strategy.mesh itself, but strategy.mesh.{axis}={s.mesh[axis]} is set. Name the "
+                 f"layout you want, e.g. strategy=hybrid strategy.mesh.{axis}={s.mesh[axis]} (or ddp / expert), or drop "
+                 f"the strategy.mesh.{axis} override.")
+    world = world_size(cfg)
+    ep = math.gcd(cfg.model.moe.num_experts, cfg.trainer.devices) if cfg.model.moe is not None and world > 1 else 1
+    name = "single" if world == 1 else "expert" if ep == world else "hybrid" if ep > 1 else "ddp"
+    s.name, s.mesh.dp, s.mesh.ep = name, world // ep, ep
+    if announce and first_process():
+        why = ("one process" if world == 1 else "a dense model" if cfg.model.moe is None else
+               f"{cfg.model.moe.num_experts} experts over trainer.devices={cfg.trainer.devices} per node: ep=gcd = {ep}")
+        log.info("strategy=auto -> strategy=%s (dp=%d x ep=%d over %d process%s; %s). Set strategy=... to choose.",
+                 name, world // ep, ep, world, "" if world == 1 else "es", why)
 
 
 def validate_strategy(cfg) -> ParallelDims:
@@ -362,14 +413,17 @@ def derive(cfg) -> None:
     tokenizer.fill_vocab_size(cfg, explicit)
 
 
-def validate(cfg) -> ParallelDims:
-    """Fill derived keys (derive), check every cross-field rule; return the resolved mesh degrees."""
+def validate(cfg, announce: bool = True) -> ParallelDims:
+    """Check every key, fill derived keys (derive), check every cross-field rule; resolve strategy=auto in cfg
+    (logged if `announce`); return the resolved mesh degrees."""
+    validate_keys(cfg)
     validate_trainer(cfg.trainer)
     validate_cluster(cfg)
     loggers.check_packages(cfg.get("logger"))
     derive(cfg)
     validate_model(cfg.model)
     validate_optimizer(cfg.optimizer, cfg.trainer.max_steps)
+    resolve_auto_strategy(cfg, announce)  # before the mesh degrees are resolved from strategy.mesh
     dims = validate_strategy(cfg)
     # Every (dp, ep) coordinate reads a different shard of the global batch; its tp ranks and a
     # pipeline's stages share one.

@@ -88,6 +88,41 @@ def executor(folder: Path, params: dict, name: str):
     return ex
 
 
+# sbatch options submitit writes itself (logs, name, signal), and the key each of the others comes from.
+OWN_OPTIONS = ("output", "error", "job-name", "open-mode", "signal", "wckey")
+OPTION_KEYS = {"nodes": "trainer.num_nodes (cluster.nodes)", "ntasks-per-node": "trainer.devices (cluster.tasks_per_node)",
+               "gpus-per-node": "trainer.devices with trainer.accelerator=gpu (cluster.gpus_per_node)",
+               "cpus-per-task": "cluster.cpus_per_task", "mem": "cluster.mem_gb", "time": "cluster.timeout_min",
+               "partition": "cluster.partition", "account": "cluster.account", "qos": "cluster.qos",
+               "constraint": "cluster.constraint"}
+
+
+def check_with_sbatch(params: dict, folder: Path) -> None:
+    """Ask sbatch whether it would accept the job (`sbatch --test-only`, nothing is queued). Raises ConfigError.
+
+    A cluster refuses some requests only when they are submitted (no GPUs, an unknown partition or
+    account): this shows sbatch's own reason, and the options paratrain derived from which keys."""
+    script = executor(folder, params, name="paratrain-check")._executor._make_submission_file_text("true", "check")
+    try:
+        done = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("could not ask sbatch --test-only whether it accepts the job (%s); submitting anyway", e)
+        return
+    if done.returncode != 0:
+        raise ConfigError(sbatch_refusal(done.stderr or done.stdout, script))
+
+
+def sbatch_refusal(message: str, script: str) -> str:
+    """sbatch's own reason, the options it was given and the key behind each, and what to change."""
+    options = [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    given = [o for o in options if o.lstrip("-").split("=")[0] not in OWN_OPTIONS]
+    origin = [f"{o} (from {OPTION_KEYS.get(o.lstrip('-').split('=')[0], 'cluster.sbatch')})" for o in given]
+    reason = " ".join(line.strip() for line in message.strip().splitlines() if line.strip()) or "no message"
+    return (f"sbatch refused the job: {reason!r}. The sbatch options paratrain gave it: {', '.join(origin)}. Nothing "
+            f"was submitted. Change the key behind the option the cluster refuses (e.g. on a cluster without GPUs, "
+            f"trainer.accelerator=cpu or a GPU partition with cluster.partition=...; `sinfo` lists the partitions).")
+
+
 # --- a sweep: hydra-submitit-launcher submits, we check and fill its parameters first ------------
 def prepare_sweep(config) -> None:
     """Before a SLURM sweep submits anything (Hydra's on_multirun_start): check, then fill hydra.launcher.
@@ -112,6 +147,7 @@ def prepare_sweep(config) -> None:
             raise ConfigError(
                 f"{o}: hydra.launcher.{name} is filled from {source} (trainer/launch/slurm.py), so this value would be "
                 f"ignored. Set {source} instead (documented in trainer/schema.py, ClusterConfig).")
+    check_with_sbatch(managed, Path(str(config.hydra.sweep.dir)) / ".submitit")
     with read_write(config.hydra), open_dict(config.hydra.launcher):
         for key, value in managed.items():
             config.hydra.launcher[key] = value
@@ -156,8 +192,14 @@ def submit(cfg, task_function: str) -> int:
     validate_cluster(cfg, submitting=True)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    check_with_sbatch(launcher_parameters(cfg), run_dir / ".submitit")
     ex = executor(run_dir / ".submitit" / "%j", launcher_parameters(cfg), name=hydra_cfg.job.name)
-    job = ex.submit(SubmittedRun(rerun_overrides(run_dir), str(run_dir), task_function))
+    from submitit.core.utils import FailedJobError
+
+    try:
+        job = ex.submit(SubmittedRun(rerun_overrides(run_dir), str(run_dir), task_function))
+    except FailedJobError as e:  # refused at submission after all (--test-only said yes)
+        raise ConfigError(sbatch_refusal(str(e), ex._executor._make_submission_file_text("true", "check"))) from None
     stdout = job.task(0).paths.stdout
     print(f"submitted SLURM job {job.job_id}; run directory {run_dir}; log {stdout}", flush=True)
     if not cfg.cluster.wait:

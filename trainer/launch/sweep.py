@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError, release_stderr
+from ..validate import validate, validate_cluster
 from .jobs import mark_failed, read_summary, rerun_overrides
 
 log = logging.getLogger("paratrain")
@@ -223,19 +224,57 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def sweep_jobs(config) -> list[list[str]]:
+    """The overrides of each job of the sweep, in job order, as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def check_every_job(config) -> None:
+    """Compose and validate every job of a sweep before the first one starts (or is submitted).
+
+    Raises ConfigError naming each invalid job by its overrides: one bad job fails the sweep before
+    any work, rather than alone after the others have run (or inside SLURM)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf.errors import MissingMandatoryValue
+
+    loader = GlobalHydra.instance().hydra.config_loader
+    jobs = sweep_jobs(config)
+    bad = []
+    for num, overrides in enumerate(jobs):
+        try:
+            job_cfg = loader.load_sweep_config(config, list(overrides))
+            validate(job_cfg, announce=False)
+            validate_cluster(job_cfg, submitting=job_cfg.cluster.name == "slurm")
+        except ConfigError as e:
+            bad.append((num, overrides, str(e)))
+        except MissingMandatoryValue as e:
+            bad.append((num, overrides, f"{e.full_key} is missing (???): set it, e.g. {e.full_key}=..."))
+        except Exception as e:  # Hydra could not compose the job (e.g. an option of a group that does not exist)
+            bad.append((num, overrides, f"{type(e).__name__}: {str(e).strip()}"))
+    if bad:
+        lines = [f"job {num} ({' '.join(overrides)}): {message}" for num, overrides, message in bad]
+        raise ConfigError(f"{len(bad)} of the sweep's {len(jobs)} jobs would be refused, so none was started or "
+                          f"submitted. Fix or drop these values, then run the sweep again:\n  " + "\n  ".join(lines))
+
+
 class SweepCallbacks(Callback):
     """Hydra callbacks of every sweep (conf/config.yaml, hydra.callbacks)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sys.stderr.write(release_stderr())  # composed (see cli.main)
-        if config.cluster.name == "slurm":  # check and fill the submitit launcher before it submits anything
-            from .slurm import prepare_sweep
+        try:
+            check_every_job(config)
+            if config.cluster.name == "slurm":  # check and fill the submitit launcher before it submits anything
+                from .slurm import prepare_sweep
 
-            try:
                 prepare_sweep(config)
-            except ConfigError as e:
-                print(f"Error: {e}", file=sys.stderr)
-                sys.exit(ConfigError.exit_code)
+        except ConfigError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            sys.exit(ConfigError.exit_code)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
