@@ -107,6 +107,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert message and message.group(1) == str(run_dir / "checkpoints"), done.stderr[-3000:]
         assert int(message.group(2).replace(",", "")) > 500_000
         assert "step000003 is intact" in done.stderr
+        assert "Traceback" not in done.stderr and re.search(r"^Error: the checkpoint of step 6", done.stderr, re.M)
         assert checkpoints(run_dir) == ["step000003"]  # nothing partial published or left behind
         assert ckpt.verify(run_dir / "checkpoints" / "step000003")["global_step"] == 3
         weights = ckpt.consolidated_model_state(run_dir / "checkpoints" / "step000003")

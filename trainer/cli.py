@@ -26,7 +26,7 @@ from .module import LanguageModelTask
 from .recipes import register_recipes
 from .callbacks import RunDirectory, StepProgressBar
 from . import balance, plan as planning
-from .checkpoint_files import Checkpointer, resolve_resume
+from .checkpoint_files import Checkpointer, CheckpointWriteError, resolve_resume
 from . import faults, hf_init, loggers, tokenizer
 from .stop_signals import StopSignals
 from .launch import slurm, sweep
@@ -145,6 +145,11 @@ def hydra_main(cfg: DictConfig) -> None:
             traceback.print_exc()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
+    except CheckpointWriteError as e:  # disk full: the paragraph says where and how much; the run crashed (1)
+        if full_error():
+            traceback.print_exc()
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
