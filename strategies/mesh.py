@@ -116,8 +116,9 @@ class ParallelDims:
         return self.dp * self.ep
 
     def as_dict(self) -> Dict[str, int]:
-        """{"dp": 2, "ep": 2, "tp": 1}: what summary.json and logs record as the mesh (pp only when > 1)."""
-        return dict(zip(self.axis_names, self.degrees))
+        """{"dp": 2, "ep": 2}: what summary.json and logs record as the mesh. dp and ep always (the
+        layouts users know); tp and pp only when they split something, as in `describe`."""
+        return {a: d for a, d in zip(self.axis_names, self.degrees) if a in ("dp", "ep") or d > 1}
 
     def data_rank(self, rank: int) -> int:
         """Which slice of the global batch `rank` reads: its (dp, ep) coordinate, row-major (tp ranks

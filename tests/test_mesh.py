@@ -24,7 +24,7 @@ def test_valid_layouts_resolve(dp, ep, world, expected):
     assert dims.degrees == (*expected, 1)  # tp defaults to 1
     assert (dims.dp, dims.ep, dims.world_size) == (*expected, world)
     assert dims.axis_names == ("dp", "ep", "tp")
-    assert dims.as_dict() == dict(zip(("dp", "ep", "tp"), (*expected, 1)))
+    assert dims.as_dict() == dict(zip(("dp", "ep"), expected))  # tp (and pp) only when > 1
     assert dims == ParallelDims(*expected, world)
 
 

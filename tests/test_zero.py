@@ -76,7 +76,7 @@ def test_fsdp_option_composes_as_zero3_over_every_rank(compose_run):
     from paratrain.trainer.validate import validate
 
     cfg = compose_run("strategy=fsdp", "trainer.devices=4")
-    assert cfg.strategy.zero_stage == 3 and validate(cfg).as_dict() == {"dp": 4, "ep": 1, "tp": 1}
+    assert cfg.strategy.zero_stage == 3 and validate(cfg).as_dict() == {"dp": 4, "ep": 1}
 
 
 # --- 2. activation checkpointing on one process ------------------------------------------------
