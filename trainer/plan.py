@@ -130,8 +130,10 @@ def _zero1_owned(params: list, expert_ids: set, dims: ParallelDims) -> int:
 def plan_run(cfg, dims: ParallelDims | None = None) -> dict:
     """The plan of a composed (validated) run config: a JSON-ready dict. Allocates nothing."""
     m, s, t, data = cfg.model, cfg.strategy, cfg.trainer, cfg.data
-    if dims is None:
-        dims = ParallelDims(dp=s.mesh.dp, ep=s.mesh.ep, world_size=t.devices * t.num_nodes)
+    if dims is None:  # validate resolves strategy=auto and -1 degrees the way a run would
+        from .validate import validate
+
+        dims = validate(cfg, announce=False)
     with torch.device("meta"):
         model = Transformer(m, max_seq_len=data.seq_len)
     counts = count_params(model, m)
