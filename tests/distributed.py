@@ -42,6 +42,10 @@ def _child(body, rank, world_size, port, out_dir, args, kwargs, timeout_s) -> No
         torch.set_num_threads(1)
         if sys.platform.startswith("linux"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # Tests build several meshes in one process group (a run builds one); creating the second
+        # mesh's flattened groups eagerly failed with "Connection reset by peer" on gloo. Lazy init
+        # connects a group's pairs on first use instead.
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
