@@ -125,11 +125,6 @@ class MeshStrategy(ModelParallelStrategy):
         layout = describe_stage(self.dims.describe(moe[0].experts.num_experts if moe else None), self.zero_stage)
         return f"{layout}; {mib:.2f} MiB of parameters on rank 0"
 
-    def backward(self, closure_loss, optimizer, *args, **kwargs):
-        # The vocab-parallel loss's backward must run inside loss_parallel() as its forward did.
-        with loss_parallel() if self.dims is not None and self.dims.tp > 1 else nullcontext():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
     # --- gradient synchronisation -----------------------------------------------------------
     @contextmanager
     def block_backward_sync(self):
@@ -148,7 +143,9 @@ class MeshStrategy(ModelParallelStrategy):
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         if self.pipeline is None:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            # The vocab-parallel loss's backward must run inside loss_parallel() as its forward did.
+            with loss_parallel() if self.dims is not None and self.dims.tp > 1 else nullcontext():
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
         # The pipeline schedule already ran backward inside training_step; keep the hooks around it
         # (callbacks' on_before_backward, e.g. the NaN guard; post_backward finishes the gradient sync).
         self.pre_backward(closure_loss)
