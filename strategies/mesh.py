@@ -126,12 +126,6 @@ class ParallelDims:
         coord = self.coordinate(rank)
         return coord["dp"] * self.ep + coord["ep"]
 
-
-    def data_rank(self, rank: int) -> int:
-        """Which slice of the global batch `rank` reads: its (dp, ep) coordinate, row-major."""
-        coord = self.coordinate(rank)
-        return coord["dp"] * self.ep + coord["ep"]
-
     def coordinate(self, rank: int) -> Dict[str, int]:
         """This rank's index along every axis (row-major, the last axis innermost)."""
         if not 0 <= rank < self.world_size:
