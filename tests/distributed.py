@@ -55,6 +55,9 @@ def _child(body, rank, world_size, port, out_dir, args, kwargs, timeout_s) -> No
         )
         try:
             value = body(rank, world_size, *args, **kwargs)
+            # Rank 0 hosts the store: no rank tears the group down while another still uses it
+            # (a rank that finished first gave the others "Broken pipe" in their last collective).
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         # Plain pickle to a file: a tensor is copied whole, not shared with a process about to exit.
