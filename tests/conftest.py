@@ -20,6 +20,23 @@ TINY = [
 TINY_MOE = ["+recipe=moe_8x", *TINY, "model.moe.expert_ffn_dim=32", "model.moe.num_experts=4"]
 
 
+@pytest.fixture(scope="module")
+def compose_run():
+    """compose_run("+recipe=moe_8x", "strategy=ddp"): the real config tree, composed as `train` would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from paratrain.trainer.recipes import register_recipes
+    from paratrain.trainer.schema import register_configs
+
+    register_configs()
+    register_recipes()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # Tiny tensors in-process: a second intra-op thread only adds contention on a busy 2-core machine.

@@ -12,20 +12,14 @@ within 30% (the issue's margins; they agree to ~0% and ~6% today).
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from conftest import train
 from distributed import run_on_ranks
 from paratrain.trainer.plan import plan_run
-from paratrain.trainer.recipes import register_recipes
-from paratrain.trainer.schema import register_configs
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 # Published totals (and active parameters per token) and where they are stated.
 PUBLISHED = {
@@ -43,16 +37,6 @@ PUBLISHED = {
 # per layer, 61 layers): +0.2% on the total but +4.5% on the 37B active (+3% on the 37.55B its
 # config gives), so the active count of that one recipe is held to 5%.
 ACTIVE_REL = {"deepseek_v3": 0.05}
-
-
-@pytest.fixture(scope="module")
-def compose_run():
-    register_configs()
-    register_recipes()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda *o: compose(config_name="config", overrides=list(o))
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.parametrize("recipe", list(PUBLISHED))

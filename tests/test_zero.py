@@ -27,23 +27,6 @@ from paratrain.trainer.models.transformer import build_model
 # --- 1. bad input ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compose_run():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from paratrain.trainer.recipes import register_recipes
-    from paratrain.trainer.schema import register_configs
-    from test_config import CONF
-
-    register_configs()
-    register_recipes()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize("args,message", [
     (["strategy=ddp", "trainer.devices=2", "strategy.zero_stage=4"], r"strategy\.zero_stage=4 is not a ZeRO stage.*0, 1, 2 or 3"),
     (["strategy.zero_stage=3"], r"strategy\.zero_stage=3 \(strategy=single\).*= 1: there is nothing to shard"),
