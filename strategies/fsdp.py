@@ -9,8 +9,8 @@ Which group reduces which gradient (the rule of strategies/grad_sync.py, applied
 reduce-scatter instead of our all-reduce):
 - dense parameters are replicated on every data rank, so they are sharded over all of them
   (dp x ep, one flattened axis): reduce-scatter SUM, then / W. That is FSDP's default (AVG over W).
-- an expert shard lives on the ranks of one dp group (the ep ranks hold other experts), so it is
-  sharded over that group only. The all-to-all backward has already brought every ep rank's
+- an expert shard lives on the ranks of one dp group (the ep ranks hold other experts), so with
+  ep > 1 it is sharded over that group only, in an FSDP group of its own. The all-to-all backward has already brought every ep rank's
   contribution here, so SUM over dp, then / W, not / dp: FSDP's default would divide by dp and give
   ep-times too large expert gradients. The divide factor is set to W; gloo refuses the PREMUL_SUM
   op FSDP would use for a custom factor, so it is told to SUM and divide afterwards.
@@ -38,23 +38,29 @@ def mixed_precision_policy(precision: str, reduce_dtype: str = "float32") -> Mix
     return MixedPrecisionPolicy(reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype != "float32" else None)
 
 
-def _expert_placement(param: nn.Parameter) -> Shard:
-    return Shard(1)
-
-
 def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3."""
     assert zero_stage in (2, 3), zero_stage
     kwargs = {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    dense_mesh = data_mesh(mesh)
+    dense_mesh, expert_mesh = data_mesh(mesh), dp_mesh(mesh)
     world = dense_mesh.size()
-    # Innermost first: a module's FSDP group holds the parameters no inner group took.
-    for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
-        fully_shard(experts, mesh=dp_mesh(mesh), shard_placement_fn=_expert_placement, **kwargs)
-        experts.set_gradient_divide_factor(float(world))  # / W over a dp group (see above)
-        # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
-        # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
-        experts.set_force_sum_reduction_for_comms(dp_mesh(mesh).size() > 1)
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    on_dim1 = {id(p) for m in experts for p in m.parameters()}
+
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(1) if id(param) in on_dim1 else Shard(0)
+
+    if expert_mesh.size() < world:
+        # ep > 1: each expert shard is sharded over its dp group, a smaller mesh than the dense
+        # parameters', so it needs an FSDP group of its own (innermost first: a module's group holds
+        # the parameters no inner group took). With ep = 1 the experts share their block's group:
+        # one all-gather and one reduce-scatter per block, not two.
+        for module in experts:
+            fully_shard(module, mesh=expert_mesh, shard_placement_fn=placement, **kwargs)
+            module.set_gradient_divide_factor(float(world))  # / W over a dp group (see above)
+            # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
+            # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
+            module.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
     for block in model.layers:
-        fully_shard(block, mesh=dense_mesh, **kwargs)
+        fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement, **kwargs)
     fully_shard(model, mesh=dense_mesh, **kwargs)
