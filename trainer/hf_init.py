@@ -80,22 +80,25 @@ def _source_name(weights: HFWeights, ours: str, names: dict) -> str:
 
 
 def _all_names(m) -> dict:
+    from .models.transformer import is_moe_layer
+
     names = dict(TOP_LEVEL)
     for i in range(m.n_layers):
-        names.update(_layer_names(i, m.moe is not None))
+        names.update(_layer_names(i, is_moe_layer(m, i)))
     return names
 
 
 def _expected_shapes(m, weights: "HFWeights") -> dict[str, tuple]:
     """HF tensor name -> the shape the model config implies (experts: expert 0, or the fused stacks)."""
     d, v = m.d_model, m.vocab_size
+    kv = (m.get("n_kv_heads") or m.n_heads) * (d // m.n_heads)  # grouped-query attention: narrower k, v
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if "lm_head.weight" in weights:  # absent: tied embeddings, the head starts as a copy
+    if not m.get("tie_embeddings") and "lm_head.weight" in weights:  # absent, untied: the head starts as a copy
         shapes["lm_head.weight"] = (v, d)
     for i in range(m.n_layers):
         h = f"model.layers.{i}."
         shapes.update({h + "input_layernorm.weight": (d,), h + "post_attention_layernorm.weight": (d,)})
-        shapes.update({f"{h}self_attn.{x}_proj.weight": (d, d) for x in "qkvo"})
+        shapes.update({f"{h}self_attn.{x}_proj.weight": (kv if x in "kv" else d, d) for x in "qkvo"})
         if m.moe is None:
             f = m.ffn_dim
             shapes.update({h + "mlp.gate_proj.weight": (f, d), h + "mlp.up_proj.weight": (f, d), h + "mlp.down_proj.weight": (d, f)})
@@ -191,19 +194,30 @@ def fill_model_config(cfg, explicit: dict | None = None) -> None:
             elif v is not None or k != "moe":
                 yield f"{prefix}.{k}", v
 
+    def same(key, ours, theirs):
+        if key == "model.n_kv_heads":  # null and n_heads both mean one key/value head per query head
+            return (ours or hf["n_heads"]) == (theirs or hf["n_heads"])
+        return ours == theirs
+
+    # Choices on top of the checkpoint, not its shape: a capacity limit on its dropless routing, and untying a
+    # tied head (it starts as a copy of the embedding, so the initial function is the checkpoint's).
+    untie = "model.tie_embeddings" in explicit and hf["tie_embeddings"] and not cfg.model.tie_embeddings
+    own = {"model.moe.capacity_factor", *(["model.tie_embeddings"] if untie else [])}
     for key, value in flat(hf):
-        if key in explicit and OmegaConf.select(cfg, key) != value and key != "model.moe.capacity_factor":
-            # (a capacity limit is a training choice on top of the checkpoint's dropless routing, not its shape)
-            theirs = HF_KEYS.get(key[len("model."):], key.split(".")[-1])
-            raise ConfigError(f"{key}={explicit[key]} conflicts with model.init_from={given!r}, whose config.json gives "
-                              f"{theirs}={value}: the checkpoint's weights fix the architecture. Drop the "
-                              f"{key} override (init_from fills it), or start from another checkpoint.")
+        if key in explicit and key not in own and not same(key, OmegaConf.select(cfg, key), value):
+            short = key[len("model."):]
+            value = hf["n_heads"] if key == "model.n_kv_heads" and value is None else value
+            source = (f"whose config.json gives {HF_KEYS[short]}={value}" if short in HF_KEYS
+                      else f"whose architecture ({read_config(given)['model_type']}) has {short}={value}")
+            raise ConfigError(f"{key}={explicit[key]} conflicts with model.init_from={given!r}, {source}: the "
+                              f"checkpoint's weights fix the architecture. Drop the {key} override (init_from fills "
+                              f"it), or start from another checkpoint.")
     if hf["moe"] is None and "model.moe" in explicit and explicit["model.moe"] not in ("null", "None", ""):
         raise ConfigError(f"model.moe={explicit['model.moe']} conflicts with model.init_from={given!r}: it holds a dense "
                           f"Llama model. Drop the model.moe override, or start from a Mixtral checkpoint.")
     with open_dict(cfg):
         for key, value in hf.items():
-            if key != "moe":
+            if key != "moe" and not (key == "tie_embeddings" and untie):
                 cfg.model[key] = value
         if hf["moe"] is None:
             cfg.model.moe = None
