@@ -5,8 +5,8 @@
     paratrain-export outputs/run1 hf-model --format hf       # a Hugging Face directory (trainer/hf.py)
 
 `--format hf` writes OUT as a directory that `transformers.AutoModelForCausalLM.from_pretrained(OUT)`
-loads without custom code: the dense model as Llama, the MoE model as Mixtral (an option neither
-has is an error, exit 2, that names it). The run's tokenizer file, if any, is copied beside it.
+loads without custom code: the dense model as Llama, the MoE model as Mixtral, or as Qwen2-MoE when
+its shared expert is gated (an option none of them has is an error, exit 2, that names it). The run's tokenizer file, if any, is copied beside it.
 
 Whatever mesh wrote the checkpoint, the file holds the plain model's state dict (`tok_emb.weight`,
 `layers.0.ffn.experts.w1` stacked (E, d, h), ...) and loads with `load_exported` or with
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
     parser.add_argument("out", help="output .safetensors file (OUT.json is written beside it); a directory for --format hf")
     parser.add_argument("--format", choices=("paratrain", "hf"), default="paratrain",
-                        help="paratrain: one safetensors file (default); hf: a Hugging Face Llama/Mixtral directory")
+                        help="paratrain: one safetensors file (default); hf: a Hugging Face Llama/Mixtral/Qwen2-MoE directory")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.format)
