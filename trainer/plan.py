@@ -21,7 +21,10 @@ precision and batch, to the bytes one rank holds:
                 under tp / sequence parallel per rank, under pp times the micro-batches the schedule
                 keeps in flight on that rank
 
-Under pp the figures are those of the stage that needs the most (`pipeline.stages` lists each).
+Under pp the figures are those of the stage that needs the most (`pipeline.stages` lists each), in
+the steady state: torch's first schedule step also keeps one metadata-inference forward on the
+first stage until its backward metadata returns (not counted). Measured on gpipe and 1f1b; the
+interleaved schedules' warm-up is torch's formula, not measured here.
 Also the all-to-all bytes of one optimizer step over all ranks, for uniform routing (the minimum a
 balanced router needs; the dispatcher logs the measured figure as a2a_bytes_per_step). Tests compare
 every figure with the tensors a laid-out step holds on every layout (tests/test_plan.py).
