@@ -12,28 +12,21 @@ import traceback
 import warnings
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from .data import ByteDataModule, checked_token_files
 from .errors import (ConfigError, explain_composition_error, full_error, hold_stderr, quote_home_paths, release_stderr,
                      stderr_held)
-from .models.transformer import build_model, count_params
-from .module import LanguageModelTask
 from .recipes import register_recipes
-from .callbacks import RunDirectory, StepProgressBar
-from . import balance, plan as planning
-from .checkpoint_files import Checkpointer, CheckpointWriteError, resolve_resume
-from . import faults, hf_init, loggers, tokenizer
-from .stop_signals import StopSignals
+from . import plan as planning
 from .launch import slurm, sweep
-from ..strategies.zero import describe_stage
 from .schema import register_configs
 from .validate import check_run_paths, validate, validate_devices
 
+# What only a run needs (Lightning, the data, the model, callbacks) is imported in run(): a dry run
+# (`dry_run=true`) plans and exits without paying for those imports.
 log = logging.getLogger("paratrain")
 register_configs()
 register_recipes()
@@ -69,8 +62,19 @@ def dry_run(cfg: DictConfig) -> None:
     print(f"{planning.describe(plan)}\nplan written to {path}")
 
 
-def run(cfg: DictConfig) -> RunDirectory:
+def run(cfg: DictConfig):
     """Train one run described by a composed config; returns its run-directory writer. Raises ConfigError."""
+    import lightning as L
+
+    from ..strategies.zero import describe_stage
+    from . import balance, faults, hf_init, loggers, tokenizer
+    from .callbacks import RunDirectory, StepProgressBar
+    from .checkpoint_files import Checkpointer, resolve_resume
+    from .data import ByteDataModule, checked_token_files
+    from .models.transformer import build_model, count_params
+    from .module import LanguageModelTask
+    from .stop_signals import StopSignals
+
     dims = _validated(cfg)
     validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
     # The plan, before any process or tensor exists: a run that cannot fit stops here (exit 2).
@@ -145,11 +149,20 @@ def hydra_main(cfg: DictConfig) -> None:
             traceback.print_exc()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
-    except CheckpointWriteError as e:  # disk full: the paragraph says where and how much; the run crashed (1)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        # disk full: the paragraph says where and how much; the run crashed (1)
         if full_error():
             traceback.print_exc()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _disk_full(e: Exception) -> bool:
+    """A CheckpointWriteError (only a run imports checkpoint_files, and only it can raise one)."""
+    files = sys.modules.get("paratrain.trainer.checkpoint_files")
+    return files is not None and isinstance(e, files.CheckpointWriteError)
 
 
 def main() -> None:
