@@ -176,6 +176,18 @@ def test_pp2_composes_with_dp2_and_ep2():
           ep=2, last_ranks=2)
 
 
+def test_3d_pp2_dp2_tp2_gradients_equal_single_process():
+    """8 processes, pp=2 x dp=2 x tp=2, dense: tp inside each stage, activations crossing stages as
+    each tp rank's local tensor (its slice of the sequence under sequence parallel, else all of it),
+    the vocab-parallel loss on the last stage; with our gradient sync, and with FSDP2 (ZeRO-2) over
+    each stage's dp ranks on top of the tp plan, accumulating 2 pipeline steps."""
+    layouts = [Layout("1f1b", 2), Layout("interleaved_1f1b", 2, 2, sequence_parallel=False),
+               Layout("1f1b", 2, zero_stage=2, accumulate=2)]
+    cfg = model_cfg(moe=False)
+    check(run_on_ranks(pipelined_grads, 8, cfg, {"dp": 2, "ep": 1, "tp": 2, "pp": 2}, layouts, timeout_s=400),
+          reference(cfg), layouts, last_ranks=4)
+
+
 # --- tier 4: `train` under strategy=pipeline reproduces `single` ---------------------------------
 
 PP2 = ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches=4"]

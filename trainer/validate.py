@@ -315,8 +315,8 @@ def pipeline_microbatches(p, pp: int) -> int:
 
 def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int) -> None:
     """strategy.pipeline.* against the mesh, the model depth and the per-rank batch of one pipeline
-    step (strategy.mesh.pp > 1). trainer.accumulate_grad_batches and strategy.zero_stage compose with it
-    under their own rules."""
+    step (strategy.mesh.pp > 1). trainer.accumulate_grad_batches, strategy.zero_stage and strategy.mesh.tp
+    compose with it under their own rules."""
     pp = dims.pp
     _require(p.schedule in SCHEDULES, f"strategy.pipeline.schedule={p.schedule!r} is not a pipeline schedule. "
                                       f"Use one of {', '.join(SCHEDULES)}.")
@@ -432,10 +432,6 @@ def validate(cfg, announce: bool = True) -> ParallelDims:
                       f"micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
                       f"trainer.devices > 1) to pipeline the model.")
     if dims.pp > 1:
-        _require(dims.tp == 1,
-                 f"strategy.mesh.pp={dims.pp} with strategy.mesh.tp={dims.tp}: pipeline stages do not yet carry "
-                 f"tensor-parallel (DTensor) activations between them, so pp x tp and 3D layouts are not supported. "
-                 f"Use strategy.mesh.tp=1 with pipeline parallelism, or strategy.mesh.pp=1 with tensor parallelism.")
         z = cfg.strategy.zero_stage
         _require(z == 0 or dims.data_ranks > 1,
                  f"strategy.zero_stage={z} with strategy.mesh.pp={dims.pp} and strategy.mesh.dp x strategy.mesh.ep = 1: "
