@@ -136,8 +136,8 @@ class MeshStrategy(ModelParallelStrategy):
     def block_backward_sync(self):
         """Gradient accumulation: micro-steps before the last keep their gradients local."""
         self._sync_blocked = True
-        # Under pp the schedule reduce-scatters each step's FSDP gradients itself (into the sharded
-        # .grad, which then accumulates): there is no root FSDP module to pause.
+        # Under pp the schedule reduce-scatters each pipeline step's FSDP gradients itself, and
+        # Pipeline.release_grads sums the steps' shards: there is no root FSDP module to pause.
         fsdp = self.zero_stage >= 2 and self.world_size > 1 and self.pipeline is None
         try:
             if fsdp:  # FSDP2 keeps the unsharded gradients and reduce-scatters after the last micro-step
