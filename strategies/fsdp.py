@@ -3,7 +3,11 @@
 ZeRO-2 = `reshard_after_forward=False` (parameters stay gathered from forward to backward; gradients
 and optimizer state sharded), ZeRO-3 = `reshard_after_forward=True` (parameters gathered per block,
 freed after use). One FSDP group per transformer block, one per MoE layer's experts, and the root
-(embedding, final norm, head), as torchtitan groups them.
+(embedding, final norm, head), as torchtitan groups them. Under pp the root is each pipeline stage's
+module (`shard_stage_root`, called by strategies/pipeline_parallel.py), over the stage's data ranks;
+ZeRO-3 then all-gathers every block once per micro-batch in forward and again in backward (the
+schedules keep a stage unsharded between its backwards), which is why torchtitan defaults to
+reshard_after_forward=False (ZeRO-2) with pp.
 
 Which group reduces which gradient (the rule of strategies/grad_sync.py, applied by FSDP's
 reduce-scatter instead of our all-reduce):
@@ -38,10 +42,16 @@ def mixed_precision_policy(precision: str, reduce_dtype: str = "float32") -> Mix
     return MixedPrecisionPolicy(reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype != "float32" else None)
 
 
-def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None) -> None:
-    """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3."""
+def _kwargs(zero_stage: int, mp_policy: MixedPrecisionPolicy | None) -> dict:
     assert zero_stage in (2, 3), zero_stage
-    kwargs = {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    return {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+
+
+def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None,
+               root: bool = True) -> None:
+    """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3.
+    `root=False` (pp): leave the root group to `shard_stage_root`, once per stage module."""
+    kwargs = _kwargs(zero_stage, mp_policy)
     dense_mesh, expert_mesh = data_mesh(mesh), dp_mesh(mesh)
     world = dense_mesh.size()
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
@@ -63,4 +73,11 @@ def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisio
             module.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
     for block in model.layers:
         fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement, **kwargs)
-    fully_shard(model, mesh=dense_mesh, **kwargs)
+    if root:
+        fully_shard(model, mesh=dense_mesh, **kwargs)
+
+
+def shard_stage_root(stage: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """The root FSDP group of one pipeline stage's module (its blocks are sharded already): the
+    embedding, final norm and head it holds, if any; the stage's schedule drives its reduce-scatter."""
+    fully_shard(stage, mesh=data_mesh(mesh), **_kwargs(zero_stage, mp_policy))

@@ -59,7 +59,8 @@ def apply_layout(model: nn.Module, dims: ParallelDims, mesh, seed: int, device: 
     if dims.world_size == dims.pp:  # every rank of a stage is alone with its parameters
         return None
     if zero_stage >= 2:
-        apply_fsdp(model, mesh, zero_stage, mp_policy)
+        # Under pp each stage's module is the root group (fsdp.shard_stage_root, called by the Pipeline).
+        apply_fsdp(model, mesh, zero_stage, mp_policy, root=dims.pp == 1)
         return []
     return reduction_groups_for(model.parameters(), expert_params(model), stage_mesh(mesh),
                                 tp_partial_params(model) if dims.tp > 1 else ())

@@ -10,6 +10,7 @@ bucketed gradient synchronisation (ZeRO-0/1). With pp > 1 the model is split int
 
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from functools import partial
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -22,7 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from . import portable_state
 from .grad_sync import GradientSync
 from .grad_norm import clip_grad_norm_
-from .fsdp import mixed_precision_policy
+from .fsdp import mixed_precision_policy, shard_stage_root
 from .layout import apply_layout
 from .mesh import ParallelDims, build_mesh
 from .pipeline_parallel import Pipeline
@@ -77,10 +78,10 @@ class MeshStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         precision = getattr(self.precision_plugin, "precision", "32-true")
+        mp_policy = mixed_precision_policy(precision, self.reduce_dtype)
         self.reduction_groups = apply_layout(
             module.model, self.dims, self.mesh, module.seed, self.root_device, zero_stage=self.zero_stage,
-            activation_checkpointing=self.activation_checkpointing,
-            mp_policy=mixed_precision_policy(precision, self.reduce_dtype),
+            activation_checkpointing=self.activation_checkpointing, mp_policy=mp_policy,
             sequence_parallel=self.sequence_parallel, pipeline=self.pipeline_cfg)
         if self.dims.tp > 1:
             module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
@@ -88,9 +89,14 @@ class MeshStrategy(ModelParallelStrategy):
             self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
         if self.dims.pp > 1:
             c = self.pipeline_cfg
+            fsdp = self.reduction_groups == []  # the layout sharded the blocks with FSDP2 (ZeRO-2/3)
             self.pipeline = Pipeline(module.model, self.dims, self.mesh, self.root_device, c.schedule, c.microbatches,
                                      c.stages_per_rank, c.split_points,
-                                     no_sync=self.grad_sync.no_sync if self.grad_sync else _nothing)
+                                     no_sync=self.grad_sync.no_sync if self.grad_sync else _nothing,
+                                     accumulate=trainer.accumulate_grad_batches,
+                                     shard_stage=partial(shard_stage_root, mesh=self.mesh, zero_stage=self.zero_stage,
+                                                         mp_policy=mp_policy) if fsdp else None,
+                                     sequence_parallel=self.sequence_parallel)
         if self.global_rank == 0:
             rank_zero_info(f"[paratrain] layout: {self.describe()}")
         self.model = self.precision_plugin.convert_module(self.model)
@@ -130,7 +136,9 @@ class MeshStrategy(ModelParallelStrategy):
     def block_backward_sync(self):
         """Gradient accumulation: micro-steps before the last keep their gradients local."""
         self._sync_blocked = True
-        fsdp = self.zero_stage >= 2 and self.world_size > 1
+        # Under pp the schedule reduce-scatters each pipeline step's FSDP gradients itself, and
+        # Pipeline.release_grads sums the steps' shards: there is no root FSDP module to pause.
+        fsdp = self.zero_stage >= 2 and self.world_size > 1 and self.pipeline is None
         try:
             if fsdp:  # FSDP2 keeps the unsharded gradients and reduce-scatters after the last micro-step
                 self.lightning_module.model.set_requires_gradient_sync(False)

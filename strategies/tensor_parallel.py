@@ -65,7 +65,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     }
     if sequence_parallel:
         top["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, top)
+    # A pipeline stage holds only some of these (strategies/pipeline_parallel.py).
+    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k) is not None})
     for block in model.layers:
         plan = {
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),

@@ -1,15 +1,17 @@
 """Pipeline parallelism (strategy.mesh.pp): equal to the single-process run, gradients first.
 
-Tier 3 (in-process ranks): after one pipeline step (forward + backward of every micro-batch) and
-the gradient sync, every parameter a rank holds has the single-process gradient of the global-batch
-loss (cross-entropy + MoE auxiliary losses), rtol 1e-5 / atol 1e-6 in fp32, for every schedule,
-dense and MoE, and composed with dp and ep. A wrong micro-batch scaling gives 4x gradients while
+Tier 3 (in-process ranks): after one optimizer step's pipeline steps (forward + backward of every
+micro-batch, 1 or 2 accumulation steps) and the gradient sync (ours, or FSDP2's reduce-scatter at
+ZeRO-2/3), every parameter a rank holds has the single-process gradient of the global-batch loss
+(cross-entropy + MoE auxiliary losses), rtol 1e-5 / atol 1e-6 in fp32, for every schedule, dense
+and MoE, and composed with dp and ep. A wrong micro-batch scaling gives 4x gradients while
 the loss moves by ~1e-6 (DESIGN.md facts), which is why gradients are compared.
 Tier 4 (`train` in a subprocess): losses over 6 steps equal `single` to 1e-5 relative.
 """
 
 import contextlib
 import re
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -66,8 +68,25 @@ def test_split_keeps_parameter_names_embedding_first_head_last():
     assert held[0] | held[1] == full and not held[0] & held[1]
 
 
+class Layout(NamedTuple):
+    schedule: str
+    microbatches: int
+    stages_per_rank: int = 1
+    zero_stage: int = 0
+    accumulate: int = 1
+    """Pipeline steps per optimizer step (trainer.accumulate_grad_batches)."""
+    sequence_parallel: bool = True
+    """Under tp: stage boundaries carry each tp rank's slice of the sequence (else the whole of it)."""
+
+
 def pipelined_grads(rank, world_size, cfg, mesh_degrees, layouts):
-    """Every layout in `layouts` (schedule, microbatches, stages_per_rank) on one process group."""
+    """Every Layout in `layouts` on one process group; the rows of the global batch split over the
+    data ranks, then over the accumulation steps, as the data module splits them."""
+    from functools import partial
+
+    from torch.distributed.tensor import DTensor
+
+    from paratrain.strategies.fsdp import shard_stage_root
     from paratrain.strategies.grad_sync import GradientSync
     from paratrain.strategies.layout import apply_layout
     from paratrain.strategies.mesh import ParallelDims, build_mesh
@@ -76,27 +95,39 @@ def pipelined_grads(rank, world_size, cfg, mesh_degrees, layouts):
     dims = ParallelDims(world_size=world_size, **mesh_degrees)
     mesh = build_mesh(dims, "cpu")
     out = []
-    for schedule, microbatches, stages_per_rank in layouts:
-        pcfg = PipelineConfig(schedule=schedule, microbatches=microbatches, stages_per_rank=stages_per_rank)
+    for layout in layouts:
+        pcfg = PipelineConfig(schedule=layout.schedule, microbatches=layout.microbatches,
+                              stages_per_rank=layout.stages_per_rank)
         model = build_model(cfg, SEED, device="meta")
-        groups = apply_layout(model, dims, mesh, SEED, torch.device("cpu"), pipeline=pcfg)
+        groups = apply_layout(model, dims, mesh, SEED, torch.device("cpu"), zero_stage=layout.zero_stage,
+                              sequence_parallel=layout.sequence_parallel, pipeline=pcfg)
         sync = GradientSync(groups, bucket_size_mb=0.01) if groups else None
-        pipe = Pipeline(model, dims, mesh, torch.device("cpu"), schedule, microbatches, stages_per_rank,
-                        no_sync=sync.no_sync if sync else contextlib.nullcontext)
+        shard = partial(shard_stage_root, mesh=mesh, zero_stage=layout.zero_stage) if groups == [] else None
+        pipe = Pipeline(model, dims, mesh, torch.device("cpu"), layout.schedule, layout.microbatches,
+                        layout.stages_per_rank, no_sync=sync.no_sync if sync else contextlib.nullcontext,
+                        accumulate=layout.accumulate, shard_stage=shard, sequence_parallel=layout.sequence_parallel)
+        # ZeRO-2/3: every parameter a stage holds is an FSDP shard (a DTensor over the stage's dp ranks).
+        assert layout.zero_stage < 2 or all(isinstance(p, DTensor) for p in model.parameters()), layout
         x, y = global_batch()
-        local = x.shape[0] // dims.data_ranks
-        rows = slice((rank % dims.data_ranks) * local, (rank % dims.data_ranks + 1) * local)
-        ce, aux = pipe.train_step((x[rows], y[rows]))
-        pipe.release_grads()  # as the strategy's backward does
+        local = x.shape[0] // (dims.data_ranks * layout.accumulate)
+        ces = []
+        for step in range(layout.accumulate):
+            start = (dims.data_rank(rank) * layout.accumulate + step) * local
+            ce, aux = pipe.train_step((x[start:start + local], y[start:start + local]))
+            pipe.release_grads()  # as the strategy's backward does
+            ces.append(ce.item())
         if sync:
             sync.finish()
         offsets = {n: m.expert_offset for n, m in model.named_modules() if hasattr(m, "expert_offset")}
-        grads = {n: (p.grad.clone(), offsets.get(n.rsplit(".", 1)[0])) for n, p in model.named_parameters()}
-        out.append((ce.item(), grads))
+        # DTensor gradients (FSDP shards, tp slices) gathered whole: a collective over the stage's ranks.
+        grads = {n: ((p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()),
+                     offsets.get(n.rsplit(".", 1)[0])) for n, p in model.named_parameters()}
+        out.append((sum(ces) / len(ces), grads))
     return out
 
 
-def check(results, ref, layouts, ep=1, data_ranks=1):
+def check(results, ref, layouts, ep=1, last_ranks=1):
+    """`last_ranks`: the ranks of the last stage (dp x ep x tp), each holding the loss of its data slice."""
     ref_ce, ref_grads = ref
     for i, layout in enumerate(layouts):
         seen = set()
@@ -113,10 +144,12 @@ def check(results, ref, layouts, ep=1, data_ranks=1):
         assert seen == set(ref_grads), f"{layout}: parameters held by no stage: {set(ref_grads) - seen}"
         # The last stage's ranks hold the loss of their data slice; their mean is the global loss.
         last = [c for c in ces if c != 0.0]
-        assert len(last) == data_ranks and sum(last) / data_ranks == pytest.approx(ref_ce, rel=1e-5), layout
+        assert len(last) == last_ranks and sum(last) / last_ranks == pytest.approx(ref_ce, rel=1e-5), layout
 
 
-SCHEDULES = [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved_1f1b", 4, 2), ("zero_bubble", 4, 2)]
+# 2 accumulation steps of 2 micro-batches: earlier steps' gradients must not be rescaled by later ones.
+SCHEDULES = [Layout("gpipe", 4), Layout("1f1b", 4), Layout("interleaved_1f1b", 4, 2), Layout("zero_bubble", 4, 2),
+             Layout("1f1b", 2, accumulate=2), Layout("zero_bubble", 2, 2, accumulate=2)]
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -127,15 +160,32 @@ def test_pp2_gradients_equal_single_process_for_every_schedule(moe):
 
 
 def test_pp2_composes_with_dp2_and_ep2():
-    """4 processes: pp=2 x dp=2 (dense and MoE gradients reduced over each stage's dp ranks) and
-    pp=2 x ep=2 (experts sharded inside a stage, tokens exchanged by all-to-all within it)."""
-    layouts = [("1f1b", 2, 1), ("interleaved_1f1b", 2, 2)]
+    """4 processes: pp=2 x dp=2 (dense and MoE gradients reduced over each stage's dp ranks; by our
+    all-reduce, or by FSDP2's reduce-scatter at ZeRO-2/3 with each stage module its own root, with
+    and without accumulation) and pp=2 x ep=2 (experts sharded inside a stage, tokens exchanged by
+    all-to-all within it)."""
+    layouts = [Layout("1f1b", 2), Layout("interleaved_1f1b", 2, 2)]
+    zero = [Layout("1f1b", 2, zero_stage=2), Layout("interleaved_1f1b", 2, 2, zero_stage=2, accumulate=2),
+            Layout("zero_bubble", 2, 2, zero_stage=2),
+            Layout("gpipe", 2, zero_stage=3)]
     cfg = model_cfg(moe=True)
     ref = reference(cfg)
-    check(run_on_ranks(pipelined_grads, 4, cfg, {"dp": 2, "ep": 1, "pp": 2}, layouts, timeout_s=300), ref, layouts,
-          data_ranks=2)
+    check(run_on_ranks(pipelined_grads, 4, cfg, {"dp": 2, "ep": 1, "pp": 2}, layouts + zero, timeout_s=300), ref,
+          layouts + zero, last_ranks=2)
     check(run_on_ranks(pipelined_grads, 4, cfg, {"dp": 1, "ep": 2, "pp": 2}, layouts, timeout_s=300), ref, layouts,
-          ep=2, data_ranks=2)
+          ep=2, last_ranks=2)
+
+
+def test_3d_pp2_dp2_tp2_gradients_equal_single_process():
+    """8 processes, pp=2 x dp=2 x tp=2, dense: tp inside each stage, activations crossing stages as
+    each tp rank's local tensor (its slice of the sequence under sequence parallel, else all of it),
+    the vocab-parallel loss on the last stage; with our gradient sync, and with FSDP2 (ZeRO-2) over
+    each stage's dp ranks on top of the tp plan, accumulating 2 pipeline steps."""
+    layouts = [Layout("1f1b", 2), Layout("interleaved_1f1b", 2, 2, sequence_parallel=False),
+               Layout("1f1b", 2, zero_stage=2, accumulate=2)]
+    cfg = model_cfg(moe=False)
+    check(run_on_ranks(pipelined_grads, 8, cfg, {"dp": 2, "ep": 1, "tp": 2, "pp": 2}, layouts, timeout_s=400),
+          reference(cfg), layouts, last_ranks=4)
 
 
 # --- tier 4: `train` under strategy=pipeline reproduces `single` ---------------------------------
@@ -143,12 +193,18 @@ def test_pp2_composes_with_dp2_and_ep2():
 PP2 = ["strategy=pipeline", "trainer.devices=2", "strategy.pipeline.microbatches=4"]
 RUNS = {
     "gpipe-moe": (TINY_MOE, [*PP2, "strategy.pipeline.schedule=gpipe"]),
-    "1f1b-dense": (TINY, [*PP2, "strategy.pipeline.schedule=1f1b"]),
-    # 4 processes: experts over ep=2 inside each stage; ZeRO-1 over each stage's dp=2 ranks.
+    # 2 accumulation steps of 4 micro-batches (one sequence each) per optimizer step.
+    "1f1b-dense-accumulate2": (TINY, [*PP2, "strategy.pipeline.schedule=1f1b", "trainer.accumulate_grad_batches=2"]),
+    # 4 processes: experts over ep=2 inside each stage; ZeRO-1 / ZeRO-2 over each stage's dp=2 ranks.
     "pp2xep2-1f1b-moe": (TINY_MOE, ["strategy=pipeline", "strategy.mesh.ep=2", "trainer.devices=4",
                                     "strategy.pipeline.microbatches=2"]),
     "pp2xdp2-zero1-dense": (TINY, ["strategy=pipeline", "strategy.mesh.dp=2", "trainer.devices=4",
                                    "strategy.pipeline.microbatches=2", "strategy.zero_stage=1"]),
+    # Validation at loader batch 3 falls inside an accumulation: the schedule's re-initialisation after
+    # eval would clear the FSDP gradients of the first half (Pipeline.train_step holds them aside).
+    "pp2xdp2-zero2-accumulate2-moe": (TINY_MOE, ["strategy=pipeline", "strategy.mesh.dp=2", "trainer.devices=4",
+                                                 "strategy.pipeline.microbatches=2", "strategy.zero_stage=2",
+                                                 "trainer.accumulate_grad_batches=2"]),
 }
 
 
@@ -171,8 +227,10 @@ def test_train_under_pipeline_reproduces_single(name, single_runs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ref = single_runs["moe" if base is TINY_MOE else "dense"]
     assert train_losses(run_dir) == pytest.approx(train_losses(ref), rel=1e-5)
-    val = [float(r["val/loss"]) for r in metrics(run_dir) if r["val/loss"]]
-    assert len(val) == 2 and val == pytest.approx([float(r["val/loss"]) for r in metrics(ref) if r["val/loss"]], rel=1e-5)
+    # By step: Lightning counts trainer.val_check_interval in loader batches, so accumulation validates
+    # more often (also at steps 1 and 4 with 2 accumulation steps), but at steps 3 and 6 as `single`.
+    val, ref_val = ({int(r["step"]): float(r["val/loss"]) for r in metrics(d) if r["val/loss"]} for d in (run_dir, ref))
+    assert len(ref_val) == 2 and {k: val.get(k) for k in ref_val} == pytest.approx(ref_val, rel=1e-5)
     s, r = summary(run_dir), summary(ref)
     assert s["status"] == "completed" and s["mesh"]["pp"] == 2 and s["layout"].startswith("pp=2 x ")
     assert s["params_total"] == r["params_total"] and s["params_per_rank"] < r["params_total"]
@@ -241,8 +299,11 @@ BAD = [
      r"strategy\.pipeline\.schedule='dualpipe' is not a pipeline schedule"),
     (["strategy=pipeline", "trainer.devices=2", "model.n_layers=4", "strategy.pipeline.split_points=[4]"],
      r"split_points=\[4\] does not split model\.n_layers=4 blocks into 2 stages"),
-    (["strategy=pipeline", "trainer.devices=2", "trainer.accumulate_grad_batches=2", "strategy.pipeline.microbatches=2"],
-     r"trainer\.accumulate_grad_batches=2 with strategy\.mesh\.pp=2"),
+    # The micro-batches divide one accumulation step's share: 8 / 2 = 4 sequences.
+    (["strategy=pipeline", "trainer.devices=2", "trainer.accumulate_grad_batches=2", "strategy.pipeline.microbatches=8"],
+     r"strategy\.pipeline\.microbatches=8 does not divide the per-rank batch of 4"),
+    (["strategy=pipeline", "trainer.devices=2", "strategy.zero_stage=2"],
+     r"strategy\.zero_stage=2 with strategy\.mesh\.pp=2 and strategy\.mesh\.dp x strategy\.mesh\.ep = 1"),
     (["strategy=pipeline", "strategy.mesh.pp=2", "strategy.mesh.dp=2", "trainer.devices=2"],
      r"strategy\.mesh\.pp=2 x strategy\.mesh\.dp=2 x strategy\.mesh\.ep=1 = 4 processes"),
 ]

@@ -313,13 +313,11 @@ def pipeline_microbatches(p, pp: int) -> int:
     return p.microbatches if p.microbatches is not None else 2 * pp
 
 
-def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int, accumulate: int = 1) -> None:
-    """strategy.pipeline.* against the mesh, the model depth and the per-rank batch (strategy.mesh.pp > 1)."""
+def validate_pipeline(p, dims: ParallelDims, n_layers: int, per_rank_batch: int) -> None:
+    """strategy.pipeline.* against the mesh, the model depth and the per-rank batch of one pipeline
+    step (strategy.mesh.pp > 1). trainer.accumulate_grad_batches, strategy.zero_stage and strategy.mesh.tp
+    compose with it under their own rules."""
     pp = dims.pp
-    _require(accumulate == 1,
-             f"trainer.accumulate_grad_batches={accumulate} with strategy.mesh.pp={pp}: a pipeline step already "
-             f"accumulates gradients over its micro-batches. Set trainer.accumulate_grad_batches=1 and raise "
-             f"strategy.pipeline.microbatches instead (it must divide the per-rank batch).")
     _require(p.schedule in SCHEDULES, f"strategy.pipeline.schedule={p.schedule!r} is not a pipeline schedule. "
                                       f"Use one of {', '.join(SCHEDULES)}.")
     spr = p.stages_per_rank
@@ -434,17 +432,14 @@ def validate(cfg, announce: bool = True) -> ParallelDims:
                       f"micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
                       f"trainer.devices > 1) to pipeline the model.")
     if dims.pp > 1:
-        _require(dims.tp == 1,
-                 f"strategy.mesh.pp={dims.pp} with strategy.mesh.tp={dims.tp}: pipeline stages do not yet carry "
-                 f"tensor-parallel (DTensor) activations between them, so pp x tp and 3D layouts are not supported. "
-                 f"Use strategy.mesh.tp=1 with pipeline parallelism, or strategy.mesh.pp=1 with tensor parallelism.")
-        _require(cfg.strategy.zero_stage <= 1,
-                 f"strategy.zero_stage={cfg.strategy.zero_stage} with strategy.mesh.pp={dims.pp}: FSDP2 (ZeRO-2/3) is not "
-                 f"wired into the pipeline stages yet. Use strategy.zero_stage=0 or 1 with pipeline parallelism, or "
-                 f"strategy.mesh.pp=1 for ZeRO-2/3.")
+        z = cfg.strategy.zero_stage
+        _require(z == 0 or dims.data_ranks > 1,
+                 f"strategy.zero_stage={z} with strategy.mesh.pp={dims.pp} and strategy.mesh.dp x strategy.mesh.ep = 1: "
+                 f"ZeRO shards over the ranks of a stage that read different data, and this mesh has none, so "
+                 f"nothing would be sharded. Use strategy.zero_stage=0, or give each stage data ranks (e.g. "
+                 f"strategy.mesh.dp=2 with trainer.devices={2 * dims.world_size}).")
         validate_pipeline(cfg.strategy.pipeline, dims, cfg.model.n_layers,
-                          cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches),
-                          cfg.trainer.accumulate_grad_batches)
+                          cfg.data.batch_size // (dims.data_ranks * cfg.trainer.accumulate_grad_batches))
     resolve_targets(cfg)
     return dims
 
