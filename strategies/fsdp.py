@@ -14,6 +14,12 @@ reduce-scatter instead of our all-reduce):
   contribution here, so SUM over dp, then / W, not / dp: FSDP's default would divide by dp and give
   ep-times too large expert gradients. The divide factor is set to W; gloo refuses the PREMUL_SUM
   op FSDP would use for a custom factor, so it is told to SUM and divide afterwards.
+- under tp (strategies/tensor_parallel.py) the router and the experts are replicated over tp and
+  each tp rank dispatches its own share of the tokens, so their gradients are partial sums over tp:
+  tp is one more data axis for them. Experts are sharded over dp x tp (`expert_replica_mesh`), the
+  router over every rank (`replica_mesh`, in an FSDP group of its own: the block's group is on the
+  data ranks of one tp slice); both SUM, then / W with W still the data ranks (dp x ep), whose
+  losses each cover 1/W of the global batch.
 
 Expert stacks (E_local, d, h) and (E_local, h, d) are sharded on dim 1, not dim 0: every rank then
 holds a slice of every local expert, so a checkpoint still splits them by global expert index
@@ -26,7 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from ..trainer.models.moe import GroupedExperts
-from .mesh import data_mesh, dp_mesh
+from .mesh import axis_size, data_mesh, expert_replica_mesh, replica_mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,14 +53,22 @@ def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisio
     assert zero_stage in (2, 3), zero_stage
     kwargs = {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     dense_mesh = data_mesh(mesh)
-    world = dense_mesh.size()
+    world = dense_mesh.size()  # the data ranks
     # Innermost first: a module's FSDP group holds the parameters no inner group took.
     for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
-        fully_shard(experts, mesh=dp_mesh(mesh), shard_placement_fn=_expert_placement, **kwargs)
-        experts.set_gradient_divide_factor(float(world))  # / W over a dp group (see above)
-        # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
-        # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
-        experts.set_force_sum_reduction_for_comms(dp_mesh(mesh).size() > 1)
+        _shard_summed(experts, expert_replica_mesh(mesh), world, kwargs, shard_placement_fn=_expert_placement)
+    if axis_size(mesh, "tp") > 1:
+        for moe in model.moe_layers():
+            _shard_summed(moe.router, replica_mesh(mesh), world, kwargs)
     for block in model.layers:
         fully_shard(block, mesh=dense_mesh, **kwargs)
     fully_shard(model, mesh=dense_mesh, **kwargs)
+
+
+def _shard_summed(module: nn.Module, mesh, world: int, kwargs: dict, **more) -> None:
+    """fully_shard `module` over `mesh`, its gradients summed there and divided by the `world` data ranks."""
+    fully_shard(module, mesh=mesh, **kwargs, **more)
+    module.set_gradient_divide_factor(float(world))  # / W over a replica group (see above)
+    # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
+    # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
+    module.set_force_sum_reduction_for_comms(mesh.size() > 1)
