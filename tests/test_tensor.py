@@ -252,6 +252,8 @@ def test_train_tensor_reproduces_single(dense_runs):
     pytest.param("tp2", [], "single", 1e-5, id="tp2-to-single"),
     pytest.param("single", TP2, "single", 1e-5, id="single-to-tp2"),
     pytest.param("tp2", ["strategy=ddp", "trainer.devices=2"], "single", 1e-5, id="tp2-to-ddp2"),
+    pytest.param("tp2", ["strategy=tensor", "strategy.mesh.dp=2", "strategy.mesh.tp=2", "strategy.zero_stage=1",
+                         "trainer.devices=4"], "single", 1e-5, id="tp2-to-dp2xtp2-zero1"),
 ])
 def test_tensor_checkpoints_resume_and_reshard(first, then, reference, rel, dense_runs, tmp_path):
     import shutil
