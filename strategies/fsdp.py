@@ -9,16 +9,16 @@ Which group reduces which gradient (the rule of strategies/grad_sync.py, applied
 reduce-scatter instead of our all-reduce):
 - dense parameters are replicated on every data rank, so they are sharded over all of them
   (dp x ep, one flattened axis): reduce-scatter SUM, then / W. That is FSDP's default (AVG over W).
-- an expert shard lives on the ranks of one dp group (the ep ranks hold other experts), so it is
-  sharded over that group only. The all-to-all backward has already brought every ep rank's
+- an expert shard lives on the ranks of one dp group (the ep ranks hold other experts), so with
+  ep > 1 it is sharded over that group only, in an FSDP group of its own. The all-to-all backward has already brought every ep rank's
   contribution here, so SUM over dp, then / W, not / dp: FSDP's default would divide by dp and give
   ep-times too large expert gradients. The divide factor is set to W; gloo refuses the PREMUL_SUM
   op FSDP would use for a custom factor, so it is told to SUM and divide afterwards.
 - under tp (strategies/tensor_parallel.py) the router and the experts are replicated over tp and
   each tp rank dispatches its own share of the tokens, so their gradients are partial sums over tp:
   tp is one more data axis for them. Experts are sharded over dp x tp (`expert_replica_mesh`), the
-  router over every rank (`replica_mesh`, in an FSDP group of its own: the block's group is on the
-  data ranks of one tp slice); both SUM, then / W with W still the data ranks (dp x ep), whose
+  router over every rank (`replica_mesh`); both in FSDP groups of their own (the block's group is
+  on the data ranks of one tp slice), SUM, then / W with W still the data ranks (dp x ep), whose
   losses each cover 1/W of the global batch.
 
 Expert stacks (E_local, d, h) and (E_local, h, d) are sharded on dim 1, not dim 0: every rank then
@@ -44,24 +44,31 @@ def mixed_precision_policy(precision: str, reduce_dtype: str = "float32") -> Mix
     return MixedPrecisionPolicy(reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype != "float32" else None)
 
 
-def _expert_placement(param: nn.Parameter) -> Shard:
-    return Shard(1)
-
-
 def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3."""
     assert zero_stage in (2, 3), zero_stage
     kwargs = {"reshard_after_forward": zero_stage == 3, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    dense_mesh = data_mesh(mesh)
+    dense_mesh, expert_mesh = data_mesh(mesh), expert_replica_mesh(mesh)
     world = dense_mesh.size()  # the data ranks
-    # Innermost first: a module's FSDP group holds the parameters no inner group took.
-    for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
-        _shard_summed(experts, expert_replica_mesh(mesh), world, kwargs, shard_placement_fn=_expert_placement)
-    if axis_size(mesh, "tp") > 1:
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    on_dim1 = {id(p) for m in experts for p in m.parameters()}
+
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(1) if id(param) in on_dim1 else Shard(0)
+
+    tp = axis_size(mesh, "tp")
+    if axis_size(mesh, "ep") > 1 or tp > 1:
+        # ep > 1 (over its dp group) or tp > 1 (over dp x tp): each expert shard is sharded over a
+        # mesh other than the dense parameters', so it needs an FSDP group of its own (innermost
+        # first: a module's group holds the parameters no inner group took). With ep = tp = 1 the
+        # experts share their block's group: one all-gather and one reduce-scatter per block, not two.
+        for module in experts:
+            _shard_summed(module, expert_mesh, world, kwargs, shard_placement_fn=placement)
+    if tp > 1:
         for moe in model.moe_layers():
             _shard_summed(moe.router, replica_mesh(mesh), world, kwargs)
     for block in model.layers:
-        fully_shard(block, mesh=dense_mesh, **kwargs)
+        fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement, **kwargs)
     fully_shard(model, mesh=dense_mesh, **kwargs)
 
 
