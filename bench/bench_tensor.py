@@ -12,6 +12,7 @@ no validation, no checkpoints:
   dense-dp2xtp2        4 processes, MeshStrategy tensor dp=2 x tp=2, ZeRO-3 (FSDP2 over dp)
   dense-dp2xtp2-lightning  4 processes, ModelParallelStrategy(2, 2): the same plan + fully_shard over dp
   moe-tp1, moe-tp2     moe_8x on 1 and 2 processes (ours only: Lightning has no MoE layout to compare)
+  moe-dp2xtp2          moe_8x on 4 processes, dp=2 x tp=2, ZeRO-3 (router over every rank, experts over dp x tp)
 (--quick: only dense-tp1, dense-tp2, dense-tp2-lightning.)
 
 Step time: interval between successive on_train_batch_end calls on rank 0, median after --warmup.
@@ -50,6 +51,7 @@ VARIANTS = {  # name: (devices, recipe, kind, dp, tp)
     "dense-dp2xtp2-lightning": (4, None, "lightning", 2, 2),
     "moe-tp1": (1, "moe_8x", "ours", 1, 1),
     "moe-tp2": (2, "moe_8x", "ours", 1, 2),
+    "moe-dp2xtp2": (4, "moe_8x", "ours", 2, 2),
 }
 QUICK = ["dense-tp1", "dense-tp2", "dense-tp2-lightning"]
 

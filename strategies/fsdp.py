@@ -18,6 +18,12 @@ reduce-scatter instead of our all-reduce):
   contribution here, so SUM over dp, then / W, not / dp: FSDP's default would divide by dp and give
   ep-times too large expert gradients. The divide factor is set to W; gloo refuses the PREMUL_SUM
   op FSDP would use for a custom factor, so it is told to SUM and divide afterwards.
+- under tp (strategies/tensor_parallel.py) the router and the experts are replicated over tp and
+  each tp rank dispatches its own share of the tokens, so their gradients are partial sums over tp:
+  tp is one more data axis for them. Experts are sharded over dp x tp (`expert_replica_mesh`), the
+  router over every rank (`replica_mesh`); both in FSDP groups of their own (the block's group is
+  on the data ranks of one tp slice), SUM, then / W with W still the data ranks (dp x ep), whose
+  losses each cover 1/W of the global batch.
 
 Expert stacks (E_local, d, h) and (E_local, h, d) are sharded on dim 1, not dim 0: every rank then
 holds a slice of every local expert, so a checkpoint still splits them by global expert index
@@ -30,7 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from ..trainer.models.moe import GroupedExperts
-from .mesh import data_mesh, dp_mesh
+from .mesh import axis_size, data_mesh, expert_replica_mesh, replica_mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,25 +58,25 @@ def apply_fsdp(model: nn.Module, mesh, zero_stage: int, mp_policy: MixedPrecisio
     """Shard `model` (materialised, experts already split over ep) for ZeRO `zero_stage` 2 or 3.
     `root=False` (pp): leave the root group to `shard_stage_root`, once per stage module."""
     kwargs = _kwargs(zero_stage, mp_policy)
-    dense_mesh, expert_mesh = data_mesh(mesh), dp_mesh(mesh)
-    world = dense_mesh.size()
+    dense_mesh, expert_mesh = data_mesh(mesh), expert_replica_mesh(mesh)
+    world = dense_mesh.size()  # the data ranks
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     on_dim1 = {id(p) for m in experts for p in m.parameters()}
 
     def placement(param: nn.Parameter) -> Shard:
         return Shard(1) if id(param) in on_dim1 else Shard(0)
 
-    if expert_mesh.size() < world:
-        # ep > 1: each expert shard is sharded over its dp group, a smaller mesh than the dense
-        # parameters', so it needs an FSDP group of its own (innermost first: a module's group holds
-        # the parameters no inner group took). With ep = 1 the experts share their block's group:
-        # one all-gather and one reduce-scatter per block, not two.
+    tp = axis_size(mesh, "tp")
+    if axis_size(mesh, "ep") > 1 or tp > 1:
+        # ep > 1 (over its dp group) or tp > 1 (over dp x tp): each expert shard is sharded over a
+        # mesh other than the dense parameters', so it needs an FSDP group of its own (innermost
+        # first: a module's group holds the parameters no inner group took). With ep = tp = 1 the
+        # experts share their block's group: one all-gather and one reduce-scatter per block, not two.
         for module in experts:
-            fully_shard(module, mesh=expert_mesh, shard_placement_fn=placement, **kwargs)
-            module.set_gradient_divide_factor(float(world))  # / W over a dp group (see above)
-            # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
-            # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
-            module.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
+            _shard_summed(module, expert_mesh, world, kwargs, shard_placement_fn=placement)
+    if tp > 1:
+        for moe in model.moe_layers():
+            _shard_summed(moe.router, replica_mesh(mesh), world, kwargs)
     for block in model.layers:
         fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement, **kwargs)
     if root:
@@ -81,3 +87,12 @@ def shard_stage_root(stage: nn.Module, mesh, zero_stage: int, mp_policy: MixedPr
     """The root FSDP group of one pipeline stage's module (its blocks are sharded already): the
     embedding, final norm and head it holds, if any; the stage's schedule drives its reduce-scatter."""
     fully_shard(stage, mesh=data_mesh(mesh), **_kwargs(zero_stage, mp_policy))
+
+
+def _shard_summed(module: nn.Module, mesh, world: int, kwargs: dict, **more) -> None:
+    """fully_shard `module` over `mesh`, its gradients summed there and divided by the `world` data ranks."""
+    fully_shard(module, mesh=mesh, **kwargs, **more)
+    module.set_gradient_divide_factor(float(world))  # / W over a replica group (see above)
+    # Over one rank FSDP skips the collective and divides in its copy; forcing SUM there
+    # would divide a second time (torch 2.13), so only a real reduce-scatter gets it.
+    module.set_force_sum_reduction_for_comms(mesh.size() > 1)

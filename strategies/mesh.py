@@ -256,6 +256,9 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
         mesh[("dp", "ep")]._flatten("data")
     if dims.ep > 1 and dims.tp > 1:
         mesh[("dp", "tp")]._flatten("expert_replicas")  # the ranks holding one expert shard
+    if dims.tp > 1:
+        # Every rank of a stage: FSDP shards the MoE router (replicated over tp, fed tp-sharded tokens) over it.
+        mesh[tuple(a for a in dims.axis_names if a != "pp")]._flatten("replicas")
     return mesh
 
 
@@ -339,6 +342,22 @@ def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The 1-D sub-mesh along dp: FSDP shards each expert shard over it."""
     return mesh["dp"]
+
+
+def expert_replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh over the ranks holding this rank's expert shard (`expert_replica_group`): FSDP shards
+    each expert shard over it."""
+    if axis_size(mesh, "tp") == 1:
+        return mesh["dp"]
+    if axis_size(mesh, "ep") == 1:
+        return mesh["replicas"]
+    return mesh["expert_replicas"]  # flattened in build_mesh
+
+
+def replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """Under tp: a 1-D mesh over every rank of this rank's stage (dp x ep x tp): FSDP shards the MoE
+    router over it (replicated on all of them, and each tp rank's gradient is a partial sum)."""
+    return mesh["replicas"]  # flattened in build_mesh
 
 
 def data_mesh(mesh: DeviceMesh) -> DeviceMesh:

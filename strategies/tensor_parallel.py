@@ -26,7 +26,10 @@ their row-parallel partial sums), reduce-scattered (SP) or all-reduced into the 
 Gradients inside an MoE layer are therefore partial over tp: the backward treats the layer's
 input gradient as a partial sum (reduce-scattered / all-reduced by DTensor), the auxiliary losses
 (computed whole on every tp rank) backpropagate 1/tp on each, and the router and experts, plain
-tensors, are summed over tp by the gradient sync.
+tensors, are summed over tp by the gradient sync (ZeRO-0/1) or by FSDP over a mesh that includes tp
+(ZeRO-2/3, strategies/fsdp.py). Every tp rank routed all the tokens, so only tp rank 0 keeps the
+layer's expert counts (`stats["tokens_per_expert"]`, `routed_load`): summed over the world, as the
+metrics and the balance bias sum them, they are the single-process counts.
 
 Which group reduces which gradient (strategies/grad_sync.py applies it; scale 1/(dp x ep)):
     sharded over tp (DTensor Shard)              over dp x ep (the data group): each tp rank holds
@@ -135,6 +138,7 @@ class ExpertsReplicatedOverTP(ParallelStyle):
         self.residual = residual_layout
 
     def _input(self, module, inputs, mesh):
+        module.tp_routed_load_before = module.routed_load  # this forward adds to it
         x = inputs[0]
         if not isinstance(x, DTensor):
             x = DTensor.from_local(x, mesh, (self.residual,), run_check=False)
@@ -144,6 +148,9 @@ class ExpertsReplicatedOverTP(ParallelStyle):
         y = DTensor.from_local(y, mesh, (Partial(),), run_check=False)
         # Every tp rank computed the same auxiliary losses from all tokens: 1/tp of their gradient each.
         module.aux_losses = {k: _ScaleGrad.apply(v, 1.0 / mesh.size()) for k, v in module.aux_losses.items()}
+        if mesh.get_local_rank() != 0:  # the counts of these tokens are tp rank 0's to report (module doc)
+            module.stats["tokens_per_expert"] = torch.zeros_like(module.stats["tokens_per_expert"])
+            module.routed_load = module.tp_routed_load_before
         return y.redistribute(placements=(self.residual,)).to_local()
 
     def _apply(self, module, mesh):

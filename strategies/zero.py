@@ -9,6 +9,11 @@ the world, expert shards over their dp group) splits its parameters between its 
 parameters, largest first to the least-loaded rank; a rank's optimizer then holds state only for
 the parameters it owns (AdamW: 2 fp32 tensors per parameter, so state bytes fall by about the group
 size). After the optimizer step each owner broadcasts its updated parameters to its group.
+
+Under tp a parameter is what this rank holds of it: a DTensor's local piece. The ranks of every
+reduction group hold the same piece (tp slices are reduced over the data ranks of one tp
+coordinate, strategies/grad_sync.py), so the plan splits local pieces and an owner broadcasts its
+pieces; each tp slice's data group partitions its own.
 """
 
 import torch
@@ -19,13 +24,14 @@ from torch.distributed.tensor import DTensor
 
 def partition(params: list[nn.Parameter], num_ranks: int) -> list[list[nn.Parameter]]:
     """Greedy balanced split by size; deterministic, so every rank computes the same plan."""
-    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
+    sizes = [local_numel(p) for p in params]
+    order = sorted(range(len(params)), key=lambda i: (-sizes[i], i))
     shares: list[list[int]] = [[] for _ in range(num_ranks)]
     loads = [0] * num_ranks
     for i in order:
         r = min(range(num_ranks), key=lambda r: (loads[r], r))
         shares[r].append(i)
-        loads[r] += params[i].numel()
+        loads[r] += sizes[i]
     return [[params[i] for i in sorted(share)] for share in shares]
 
 
@@ -59,12 +65,13 @@ class OptimizerStateSharding:
                         p.grad = None
                 if not params:
                     continue
-                flat = torch.cat([p.detach().reshape(-1) for p in params]) if dist.get_rank() == src \
-                    else torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+                local = [_local(p) for p in params]
+                flat = torch.cat([t.reshape(-1) for t in local]) if dist.get_rank() == src \
+                    else torch.empty(sum(t.numel() for t in local), dtype=local[0].dtype, device=local[0].device)
                 dist.broadcast(flat, src=src, group=group)
                 if dist.get_rank() != src:
-                    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-                        p.copy_(chunk.view_as(p))
+                    for t, chunk in zip(local, flat.split([t.numel() for t in local])):
+                        t.copy_(chunk.view_as(t))
 
 
 def describe_stage(layout: str, zero_stage: int) -> str:

@@ -1,9 +1,11 @@
 """Tensor parallelism: every tp layout reproduces the single-process run on the same global batch.
 
-Tier 3 (gradients): the model laid out by `apply_layout` on a dp x ep x tp mesh, our gradient sync
-and AdamW, 6 steps; per-step losses to rel 1e-5 and every gradient, gathered whole (DTensor slices
-with full_tensor, expert shards by their global index), to rtol 1e-5 / atol 1e-6 at the first and
-the last step, against one process. Tier 4: the real `train` command under strategy=tensor.
+Tier 3 (gradients): the model laid out by `apply_layout` on a dp x ep x tp mesh (ZeRO 0-3), our
+gradient sync (or FSDP2) and AdamW, 6 steps; per-step losses to rel 1e-5, every gradient at the
+first and the last step (rtol 1e-5 / atol 1e-6) and every parameter after the last update (atol
+1e-4), gathered whole (DTensor slices with full_tensor, expert shards by their global index), and the router's
+expert counts summed over ranks exactly, against one process. The layouts of one world size run in
+one spawned job. Tier 4: the real `train` command under strategy=tensor.
 """
 
 import re
@@ -21,11 +23,14 @@ SEED = 11
 STEPS = 6
 BATCH, SEQ = 8, 16
 RTOL, ATOL = 1e-5, 1e-6
+# Parameters after 6 AdamW steps (lr 1e-2): m / sqrt(v) of a near-zero gradient turns its last-bit
+# differences into up to ~2e-5; a parameter a rank failed to update or to receive would be ~1e-2 off.
+PARAM_ATOL = 1e-4
 
 
-def model_cfg(moe=False, num_shared_experts=0, capacity_factor=None):
+def model_cfg(moe=False, num_shared_experts=0, capacity_factor=None, balance_bias_rate=0.0):
     moe_cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=num_shared_experts,
-                        capacity_factor=capacity_factor) if moe else None
+                        capacity_factor=capacity_factor, balance_bias_rate=balance_bias_rate) if moe else None
     return OmegaConf.structured(ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, moe=moe_cfg))
 
 
@@ -35,12 +40,15 @@ def batch(step):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _train(model, rows, cross_entropy, sync=None, backward_context=None, clip=None):
-    """STEPS AdamW steps on `rows` of each global batch; (losses, grads of step 0, grads of the last step)."""
+def _train(model, rows, cross_entropy, sync=None, backward_context=None, clip=None, zero=None):
+    """STEPS AdamW steps on `rows` of each global batch. Returns (losses, grads of step 0 and of the last
+    step, expert counts (layers, E) per step, routed_load per layer at the end, parameters at the end)."""
     from contextlib import nullcontext
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses, grads = [], []
+    if zero is not None:
+        zero.shard(opt)
+    losses, grads, loads = [], [], []
     for step in range(STEPS):
         x, y = batch(step)
         logits = model(x[rows])
@@ -54,15 +62,21 @@ def _train(model, rows, cross_entropy, sync=None, backward_context=None, clip=No
         losses.append(loss.detach().clone())
         if step in (0, STEPS - 1):
             grads.append({n: p.grad.clone() for n, p in model.named_parameters()})  # sync reuses its buffers
+        if model.moe_layers():
+            loads.append(torch.stack([m.stats["tokens_per_expert"] for m in model.moe_layers()]))
         opt.step()
+        if zero is not None:
+            zero.gather_params()
         opt.zero_grad(set_to_none=True)
-    return losses, grads
+    routed = [m.routed_load for m in model.moe_layers()]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, grads, loads, routed, params, opt
 
 
 def reference(cfg):
     model = build_model(cfg, SEED)
-    losses, grads = _train(model, slice(None), F.cross_entropy, clip=_clip_single)
-    return [float(v) for v in losses], grads
+    losses, grads, loads, routed, params, _ = _train(model, slice(None), F.cross_entropy, clip=_clip_single)
+    return [float(v) for v in losses], grads, loads, routed, params
 
 
 def _clip_single(model):
@@ -74,6 +88,7 @@ def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel, zero_stage=0)
     from paratrain.strategies.grad_sync import GradientSync
     from paratrain.strategies.layout import apply_layout
     from paratrain.strategies.mesh import ParallelDims, build_mesh
+    from paratrain.strategies.zero import OptimizerStateSharding, optimizer_state_bytes
     from torch.distributed.tensor.parallel import loss_parallel
 
     from paratrain.strategies.tensor_parallel import parallel_cross_entropy
@@ -81,53 +96,89 @@ def laid_out(rank, world_size, cfg, dp, ep, tp, sequence_parallel, zero_stage=0)
     dims = ParallelDims(dp=dp, ep=ep, tp=tp, world_size=world_size)
     mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, SEED, device="meta")
-    sync = GradientSync(apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel=sequence_parallel,
-                                     zero_stage=zero_stage), bucket_size_mb=0.01)
+    groups = apply_layout(model, dims, mesh, SEED, torch.device("cpu"), sequence_parallel=sequence_parallel,
+                          zero_stage=zero_stage)
+    sync = GradientSync(groups, bucket_size_mb=0.01)
     local = BATCH // dims.data_ranks
     data_rank = dims.data_rank(rank)
     rows = slice(data_rank * local, (data_rank + 1) * local)
     ce = parallel_cross_entropy if tp > 1 else F.cross_entropy
-    losses, grads = _train(model, rows, ce, sync, loss_parallel if tp > 1 else None,
-                           clip=lambda m: clip_grad_norm_(m, 1.0, mesh))
+    losses, grads, loads, routed, params, opt = _train(
+        model, rows, ce, sync, loss_parallel if tp > 1 else None, clip=lambda m: clip_grad_norm_(m, 1.0, mesh),
+        zero=OptimizerStateSharding(groups) if zero_stage == 1 else None)
     offsets = {n: m.expert_offset for n, m in model.named_modules() if hasattr(m, "expert_offset")}
     # Gradients were kept as DTensors: gather slices (a collective, the same order on every rank).
     whole = [{n: (g.full_tensor() if hasattr(g, "full_tensor") else g, offsets.get(n.rsplit(".", 1)[0]))
-              for n, g in step.items()} for step in grads]
+              for n, g in step.items()} for step in (*grads, params)]
     local_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                       for p in model.parameters())
-    return [float(v) for v in losses], whole, local_bytes
+    return [float(v) for v in losses], whole, local_bytes, loads, routed, optimizer_state_bytes(opt)
+
+
+def laid_out_many(rank, world_size, layouts):
+    """Several layouts, one after the other, in one process group: one spawn for the lot."""
+    return [laid_out(rank, world_size, model_cfg(**kw), *rest) for kw, *rest in layouts]
 
 
 LAYOUTS = {  # name: (cfg kwargs, dp, ep, tp, sequence_parallel[, zero_stage])
     "dense-tp2-sp": ({}, 1, 1, 2, True),
     "dense-tp2": ({}, 1, 1, 2, False),
-    "dense-dp2xtp2": ({}, 2, 1, 2, True),
-    "moe-tp2": ({"moe": True}, 1, 1, 2, True),
+    "moe-tp2": ({"moe": True, "balance_bias_rate": 1e-3}, 1, 1, 2, True),
     "moe-tp2-shared-capacity-nosp": ({"moe": True, "num_shared_experts": 1, "capacity_factor": 1.0}, 1, 1, 2, False),
+    "dense-dp2xtp2": ({}, 2, 1, 2, True),
     "moe-ep2xtp2-shared": ({"moe": True, "num_shared_experts": 1}, 1, 2, 2, True),
     "dense-dp2xtp2-zero3": ({}, 2, 1, 2, True, 3),  # FSDP2 over dp on top of the tp plan
+    # MoE under ZeRO-2/3: router and experts sharded by FSDP over meshes that include tp (strategies/fsdp.py).
+    "moe-dp2xtp2-zero3": ({"moe": True, "balance_bias_rate": 1e-3}, 2, 1, 2, True, 3),
+    "moe-ep2xtp2-zero2": ({"moe": True, "num_shared_experts": 1}, 1, 2, 2, True, 2),
+    # ZeRO-1: optimizer state split over what each rank holds (tp slices, replicated norms, router, experts).
+    "moe-dp2xtp2-shared-zero1": ({"moe": True, "num_shared_experts": 1}, 2, 1, 2, True, 1),
 }
+JOBS = {world: [n for n, (_, dp, ep, tp, *_) in LAYOUTS.items() if dp * ep * tp == world] for world in (2, 4)}
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_tp_gradients_equal_single_process(name):
-    cfg_kwargs, dp, ep, tp, sp, *zero_stage = LAYOUTS[name]
-    cfg = model_cfg(**cfg_kwargs)
-    ref_losses, ref_grads = reference(cfg)
-    results = run_on_ranks(laid_out, dp * ep * tp, cfg, dp, ep, tp, sp, *zero_stage, timeout_s=180)
+@pytest.mark.parametrize("world", list(JOBS), ids=lambda w: f"{w}-processes")
+def test_tp_gradients_equal_single_process(world):
+    """Every layout of one world size in one spawned job; each compared with its own single-process run."""
+    names = JOBS[world]
+    jobs = run_on_ranks(laid_out_many, world, [LAYOUTS[n] for n in names], timeout_s=150 * len(names))
+    refs = {}
+    for i, name in enumerate(names):
+        cfg_kwargs, dp, ep, tp, sp, *zero_stage = LAYOUTS[name]
+        key = repr(sorted(cfg_kwargs.items()))
+        if key not in refs:
+            refs[key] = reference(model_cfg(**cfg_kwargs))
+        _check_layout(name, [job[i] for job in jobs], *refs[key], dp=dp, ep=ep, zero_stage=(zero_stage or [0])[0])
+
+
+def _check_layout(name, results, ref_losses, ref_grads, ref_loads, ref_routed, ref_params, dp, ep, zero_stage):
     # Each rank's loss is the mean over its data rank's slice (equal slices): their mean is the global one.
-    mean_losses = [sum(r[0][step] for r in results) / len(results) for step in range(STEPS)]
-    assert mean_losses == pytest.approx(ref_losses, rel=1e-5), (mean_losses, ref_losses)
-    for rank, (losses, grads, _) in enumerate(results):
+    steps = range(STEPS)
+    mean_losses = [sum(r[0][step] for r in results) / len(results) for step in steps]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5), (name, mean_losses, ref_losses)
+    for rank, (losses, grads, local_bytes, _, _, opt_bytes) in enumerate(results):
         if dp * ep == 1:
-            assert losses == pytest.approx(ref_losses, rel=1e-5), (rank, losses, ref_losses)
-        for step, (got, want) in enumerate(zip(grads, ref_grads)):
+            assert losses == pytest.approx(ref_losses, rel=1e-5), (name, rank, losses, ref_losses)
+        # Gradients at the first and the last step, then the parameters after the last update.
+        for step, (got, want) in enumerate(zip(grads, [*ref_grads, ref_params])):
             assert got.keys() == want.keys()
             for n, (g, offset) in got.items():
                 expected = want[n]
                 if offset is not None and ep > 1:
                     expected = expected[offset: offset + g.shape[0]]
-                torch.testing.assert_close(g, expected, rtol=RTOL, atol=ATOL, msg=f"rank {rank} step {step} {n}")
+                torch.testing.assert_close(g, expected, rtol=RTOL, atol=ATOL if step < 2 else PARAM_ATOL,
+                                           msg=lambda m: f"{name} rank {rank} step {step} {n}: {m}")
+        if zero_stage == 1:  # AdamW: 2 fp32 tensors per parameter held, split over dp=2 (largest first)
+            assert 0 < opt_bytes < 0.75 * 2 * local_bytes, (name, rank, opt_bytes, local_bytes)
+    if ref_loads:
+        # Expert counts (metrics, plots, the balance bias) add up over the world to the single run's.
+        for step in steps:
+            total = sum(r[3][step] for r in results)
+            assert torch.equal(total, ref_loads[step]), (name, step, total, ref_loads[step])
+        if ref_routed[0] is not None:
+            for layer, want in enumerate(ref_routed):
+                total = sum(r[4][layer] for r in results if r[4][layer] is not None)
+                assert torch.equal(total, want), (name, layer, total, want)
 
 
 def test_tp_shards_the_split_layers_by_tp():
@@ -201,6 +252,8 @@ def test_train_tensor_reproduces_single(dense_runs):
     pytest.param("tp2", [], "single", 1e-5, id="tp2-to-single"),
     pytest.param("single", TP2, "single", 1e-5, id="single-to-tp2"),
     pytest.param("tp2", ["strategy=ddp", "trainer.devices=2"], "single", 1e-5, id="tp2-to-ddp2"),
+    pytest.param("tp2", ["strategy=tensor", "strategy.mesh.dp=2", "strategy.mesh.tp=2", "strategy.zero_stage=1",
+                         "trainer.devices=4"], "single", 1e-5, id="tp2-to-dp2xtp2-zero1"),
 ])
 def test_tensor_checkpoints_resume_and_reshard(first, then, reference, rel, dense_runs, tmp_path):
     import shutil
@@ -244,14 +297,16 @@ def _export(run_dir, out):
     return out
 
 
-def test_train_moe_ep2_x_tp2_reproduces_single(tmp_path):
+def test_train_moe_ep2_x_tp2_zero2_reproduces_single(tmp_path):
+    """MoE with ep x tp under FSDP2 (router over every rank, experts over dp x tp), through the real command,
+    checkpoints included (TINY saves every 3 steps)."""
     moe = [*TINY_MOE, "model.moe.num_shared_experts=1"]
     single = run_ok(moe, tmp_path / "single")
-    laid_out = run_ok([*moe, "strategy=tensor", "strategy.mesh.ep=2", "strategy.mesh.tp=2", "trainer.devices=4"],
-                      tmp_path / "ep2xtp2")
+    laid_out = run_ok([*moe, "strategy=tensor", "strategy.mesh.ep=2", "strategy.mesh.tp=2", "strategy.zero_stage=2",
+                       "trainer.devices=4"], tmp_path / "ep2xtp2-zero2")
     assert train_losses(laid_out) == pytest.approx(train_losses(single), rel=1e-5)
     s = summary(laid_out)
-    assert s["layout"] == "dp=1 x ep=2 x tp=2 over 4 processes; 2 experts per rank"
+    assert s["layout"] == "dp=1 x ep=2 x tp=2 over 4 processes; ZeRO-2; 2 experts per rank"
     assert s["a2a_bytes_per_step"] > 0
 
 
@@ -269,8 +324,9 @@ BAD = {  # id: (overrides, regex of the message)
                    r"strategy\.sequence_parallel=true .* set strategy\.sequence_parallel=false"),
     "mesh-product": (["strategy.mesh.tp=4"], r"strategy\.mesh\.dp=1 x strategy\.mesh\.ep=1 x strategy\.mesh\.tp=4 = 4 "
                      r"processes, but trainer\.devices \* trainer\.num_nodes = 2"),
-    "zero1": (["strategy.zero_stage=1"], r"strategy\.zero_stage=1 with strategy\.mesh\.tp=2: ZeRO-1"),
-    "zero3-moe": (["+recipe=moe_8x", "strategy.zero_stage=3"], r"strategy\.zero_stage=3 with strategy\.mesh\.tp=2 and an MoE"),
+    "zero3-moe-expert-width": (["+recipe=moe_8x", "strategy.zero_stage=3", "model.moe.expert_ffn_dim=31"],
+                               r"model\.moe\.expert_ffn_dim=31 is not divisible by strategy\.mesh\.dp x "
+                               r"strategy\.mesh\.tp = 2: under strategy\.zero_stage=3 .* Use a multiple of 2"),
 }
 
 

@@ -225,15 +225,15 @@ def validate_strategy(cfg) -> ParallelDims:
                  f"strategy=ddp for a dense model.")
         dims.validate_experts(cfg.model.moe.num_experts)
     if dims.tp > 1:
-        validate_tensor_parallel(cfg, dims.tp)
+        validate_tensor_parallel(cfg, dims.tp, dims.dp)
     validate_zero(cfg, dims)
     _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
     _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
     return dims
 
 
-def validate_tensor_parallel(cfg, tp: int) -> None:
-    """What strategies/tensor_parallel.py splits over tp must split evenly."""
+def validate_tensor_parallel(cfg, tp: int, dp: int = 1) -> None:
+    """What strategies/tensor_parallel.py splits over tp (and, under ZeRO-2/3, FSDP over dp x tp) must split evenly."""
     m, moe, sp = cfg.model, cfg.model.moe, cfg.strategy.sequence_parallel
     fix = f"or change strategy.mesh.tp={tp}"
     splits = [("model.n_heads", m.n_heads, "attention heads are split over the tp ranks"),
@@ -267,15 +267,16 @@ def validate_tensor_parallel(cfg, tp: int) -> None:
              f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
              f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
     stage = cfg.strategy.zero_stage
-    _require(stage != 1,
-             f"strategy.zero_stage=1 with strategy.mesh.tp={tp}: ZeRO-1's whole-parameter partition does not handle "
-             f"tp-sharded (DTensor) parameters. Use strategy.zero_stage=2 or 3 (FSDP2 composes with tp), 0, or "
-             f"strategy.mesh.tp=1.")
-    _require(stage < 2 or moe is None,
-             f"strategy.zero_stage={stage} with strategy.mesh.tp={tp} and an MoE model: FSDP2 would reduce the router "
-             f"and expert gradients over the data ranks only, but under tp they are partial sums that must also be "
-             f"summed over tp (strategies/tensor_parallel.py). Use strategy.zero_stage=0 with tp for MoE models, or "
-             f"strategy.mesh.tp=1.")
+    if isinstance(stage, int) and stage >= 2 and moe is not None:
+        # The experts, replicated over tp, are sharded on dim 1 over dp x tp (strategies/fsdp.py).
+        replicas = dp * tp
+        hidden = moe.expert_ffn_dim or m.ffn_dim
+        for key, width in (("model.d_model", m.d_model), ("model.moe.expert_ffn_dim", hidden)):
+            _require(width % replicas == 0,
+                     f"{key}={width} is not divisible by strategy.mesh.dp x strategy.mesh.tp = {replicas}: under "
+                     f"strategy.zero_stage={stage} with tensor parallelism each expert is replicated "
+                     f"over tp, and its matrices are split evenly over the {replicas} ranks that hold it. Use a multiple "
+                     f"of {replicas} for {key}, or strategy.zero_stage=0 or 1.")
 
 
 def validate_zero(cfg, dims: ParallelDims) -> None:

@@ -354,8 +354,7 @@ def update_expert_bias(bias: Tensor, load: Tensor, rate: float) -> None:
     """DeepSeek-V3's bias step, in place: bias += rate * sign(mean(load) - load).
 
     load: (E,) tokens routed to each expert over the WHOLE global batch of one optimizer step
-    (every rank, every micro-batch), so every rank computes the same update. sign() ignores a
-    uniform scale of the counts, so counting a token once per tensor-parallel rank changes nothing.
+    (every rank, every micro-batch), so every rank computes the same update.
     """
     load = load.to(device=bias.device, dtype=torch.float32)
     bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
