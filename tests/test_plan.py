@@ -15,6 +15,7 @@ compared, at step 2: the first step of a schedule also holds a metadata-inferenc
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from conftest import train
 from distributed import run_on_ranks
 # Imported here, not in the ranks' function: the ranks fork from a server that has imported this
 # module (tests/distributed.py), so they start with Lightning and the strategies already loaded.
+from paratrain.strategies.fsdp import shard_stage_root
 from paratrain.strategies.grad_sync import GradientSync
 from paratrain.strategies.layout import apply_layout
 from paratrain.strategies.mesh import ParallelDims, build_mesh
@@ -103,8 +105,9 @@ TINY_RECIPES = ["mixtral_8x7b_tiny", "deepseek_v3_tiny", "qwen_moe_tiny", "llama
 MOE = TINY_RECIPES[:3]
 TP_RECIPES = ["mixtral_8x7b_tiny", "deepseek_v3_tiny", "llama3_8b_tiny"]  # qwen's gated shared expert: no tp plan
 PP = ["strategy.pipeline.schedule=1f1b"]
-# name: (world, overrides, recipes). Every layout that exists: ZeRO-2/3 with tp only for dense models,
-# pp without tp or ZeRO-2/3 (trainer/validate.py refuses those before a run starts).
+# name: (world, overrides, recipes). Every layout that exists, each axis and the compositions with
+# their own parameter placement: ZeRO-1/2/3 under tp (MoE experts over dp x tp, the router over the
+# stage), ZeRO-2 and tp under pp.
 LAYOUTS = {
     "single": (1, ["strategy=single"], TINY_RECIPES),
     "ddp2": (2, ["strategy=ddp"], TINY_RECIPES),
@@ -124,6 +127,16 @@ LAYOUTS = {
                       TINY_RECIPES),
     "pp2xep2": (4, ["strategy=pipeline", "strategy.mesh.pp=2", "strategy.mesh.dp=1", "strategy.mesh.ep=2",
                     "strategy.pipeline.schedule=gpipe"], MOE),
+    "dp2xtp2-zero1": (4, ["strategy=tensor", "strategy.mesh.tp=2", "strategy.mesh.dp=2", "strategy.zero_stage=1"],
+                      ["mixtral_8x7b_tiny", "llama3_8b_tiny"]),
+    "dp2xtp2-zero3-moe": (4, ["strategy=tensor", "strategy.mesh.tp=2", "strategy.mesh.dp=2", "strategy.zero_stage=3"],
+                          TP_RECIPES[:2]),
+    "ep2xtp2-zero2": (4, ["strategy=tensor", "strategy.mesh.tp=2", "strategy.mesh.dp=1", "strategy.mesh.ep=2",
+                          "strategy.zero_stage=2"], ["mixtral_8x7b_tiny"]),
+    "pp2xdp2-zero2": (4, ["strategy=pipeline", "strategy.mesh.pp=2", "strategy.mesh.dp=2", "strategy.zero_stage=2", *PP],
+                      ["mixtral_8x7b_tiny", "llama3_8b_tiny"]),
+    "pp2xtp2": (4, ["strategy=pipeline", "strategy.mesh.pp=2", "strategy.mesh.dp=1", "strategy.mesh.tp=2", *PP],
+                ["llama3_8b_tiny"]),
 }
 SMALL = ["data.seq_len=64", "trainer.max_steps=2"]  # a shorter sequence: the same layouts, faster steps
 
@@ -185,12 +198,6 @@ def measure_step(rank, world_size, cfg, mesh):
     groups = apply_layout(model, dims, device_mesh, cfg.seed, torch.device("cpu"), zero_stage=s.zero_stage,
                           sequence_parallel=s.sequence_parallel, pipeline=pipeline_cfg)
     sync = GradientSync(groups, s.bucket_size_mb, first_bucket_mb=1.0) if groups else None
-    optimizer = build_optimizer(cfg.optimizer, model.named_parameters())
-    zero = None
-    if s.zero_stage == 1 and groups:
-        zero = OptimizerStateSharding(groups)
-        zero.shard(optimizer)
-
     micro = cfg.data.batch_size // dims.data_ranks
     g = torch.Generator().manual_seed(dims.data_rank(rank))  # tp ranks and stages share their data slice
     tokens = torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len + 1), generator=g)
@@ -198,7 +205,17 @@ def measure_step(rank, world_size, cfg, mesh):
     if dims.pp > 1:
         pipe = Pipeline(model, dims, device_mesh, torch.device("cpu"), pipeline_cfg.schedule, pipeline_cfg.microbatches,
                         pipeline_cfg.stages_per_rank, pipeline_cfg.split_points,
-                        no_sync=sync.no_sync if sync else nullcontext)
+                        no_sync=sync.no_sync if sync else nullcontext,
+                        shard_stage=partial(shard_stage_root, mesh=device_mesh, zero_stage=s.zero_stage)
+                        if groups == [] else None, sequence_parallel=s.sequence_parallel)
+    # After the stages: a stage's FSDP root replaces the parameters it holds (MeshStrategy.setup
+    # builds the optimizer after the Pipeline too).
+    optimizer = build_optimizer(cfg.optimizer, model.named_parameters())
+    zero = None
+    if s.zero_stage == 1 and groups:
+        zero = OptimizerStateSharding(groups)
+        zero.shard(optimizer)
+    if dims.pp > 1:
         # The first step of a schedule also runs (and, on the first stage, holds until its backward
         # metadata comes back) one metadata-inference forward: the plan is the steady state, step 2.
         pipe.train_step((inputs, targets))

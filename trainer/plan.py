@@ -138,8 +138,9 @@ def a2a_bytes_per_step(m, dims: ParallelDims, global_tokens: int, act_bytes: int
 class _Held:
     """One parameter as a rank holds it: its local shape, its kind, its FSDP group."""
 
-    def __init__(self, name: str, shape: tuple, expert: bool, group: str):
-        self.name, self.shape, self.expert, self.group = name, shape, expert, group
+    def __init__(self, name: str, shape: tuple, expert: bool, group: str, kind: str = "dense"):
+        # kind: "expert", "router", "norm" or "dense" (which reduction group / FSDP mesh it takes)
+        self.name, self.shape, self.expert, self.group, self.kind = name, shape, expert, group, kind
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -197,10 +198,13 @@ def _held_params(model, dims: ParallelDims, layers: set, first: bool, last: bool
         dim = _tp_dim(name) if dims.tp > 1 else None
         if dim is not None:
             shape[dim] //= dims.tp
-        # FSDP's groups (strategies/fsdp.py): each MoE layer's experts, each block, the root.
-        group = ".".join(parts[:parts.index("experts") + 1]) if expert else \
-            ".".join(parts[:2]) if parts[0] == "layers" else ""
-        held.append(_Held(name, tuple(shape), expert, group))
+        kind = "expert" if expert else "router" if "router" in parts else \
+            "norm" if parts[-2].endswith("norm") else "dense"
+        # FSDP's groups (strategies/fsdp.py): each block and the root; each MoE layer's experts apart
+        # when ep > 1 or tp > 1, and under tp each router.
+        own = (expert and (dims.ep > 1 or dims.tp > 1)) or (kind == "router" and dims.tp > 1)
+        group = ".".join(parts[:-1]) if own else ".".join(parts[:2]) if parts[0] == "layers" else ""
+        held.append(_Held(name, tuple(shape), expert, group, kind))
     if last and first is False and model.tie_embeddings:  # a tied head on a later stage than the embedding
         held.append(_Held("head.weight", (model.cfg.vocab_size // dims.tp, model.cfg.d_model), False, ""))
     return held
@@ -208,17 +212,24 @@ def _held_params(model, dims: ParallelDims, layers: set, first: bool, last: bool
 
 def _fsdp_shard(p: _Held, dims: ParallelDims) -> int:
     """Elements of FSDP2's padded shard (every rank allocates ceil(dim / ranks) rows; rank 0's state
-    is that size too): dense parameters on dim 0 over the data ranks, experts on dim 1 over dp."""
-    ranks, dim = (dims.dp, 1) if p.expert else (dims.dp * dims.ep, 0)
+    is that size too), over the meshes of strategies/fsdp.py: dense parameters on dim 0 over the data
+    ranks (dp x ep); experts on dim 1 over the ranks holding their shard (dp, x tp under tp); under
+    tp the router on dim 0 over every rank of the stage (dp x ep x tp)."""
+    if p.expert:
+        ranks, dim = dims.dp * dims.tp, 1
+    elif p.kind == "router" and dims.tp > 1:
+        ranks, dim = dims.dp * dims.ep * dims.tp, 0
+    else:
+        ranks, dim = dims.dp * dims.ep, 0
     shape = list(p.shape)
     shape[dim] = -(-shape[dim] // ranks)
     return math.prod(shape)
 
 
-def _zero1_owned(params: list, dims: ParallelDims) -> int:
-    """ZeRO-1 as strategies/zero.py partitions it (whole parameters, per reduction group of one
-    stage): the most elements any rank of the stage owns. Ranks of a stage are row-major over
-    (dp, ep): stage rank r is dp rank r // ep."""
+def _zero1_owned(params: list, dims: ParallelDims, sequence_parallel: bool = True) -> int:
+    """ZeRO-1 as strategies/zero.py partitions it (whole local pieces, per reduction group of one
+    stage, strategies/grad_sync.py): the most elements any rank of the stage owns. Ranks of a stage
+    are row-major over (dp, ep, tp): stage rank r is dp rank r // (ep tp)."""
     from ..strategies.zero import partition
 
     stage_world = dims.dp * dims.ep
@@ -226,6 +237,20 @@ def _zero1_owned(params: list, dims: ParallelDims) -> int:
     def shares(group, size):
         return [sum(p.numel() for p in share) for share in partition(group, size)] if group else [0] * size
 
+    if dims.tp > 1:
+        # grad_sync._tensor_parallel_groups: "whole" over the data ranks of a tp slice; "partial"
+        # (router, norms under SP, experts when ep = 1) over the stage; experts over dp x tp.
+        def partial(p):
+            return p.kind == "router" or (p.kind == "norm" and sequence_parallel) or (p.expert and dims.ep == 1)
+
+        whole = shares([p for p in params if not partial(p) and not p.expert], stage_world)
+        part = shares([p for p in params if partial(p)], stage_world * dims.tp)
+        experts = shares([p for p in params if p.expert and dims.ep > 1], dims.dp * dims.tp)
+        owned = []
+        for r in range(stage_world * dims.tp):
+            dp_i, tp_i = r // (dims.ep * dims.tp), r % dims.tp
+            owned.append(whole[r // dims.tp] + part[r] + experts[dp_i * dims.tp + tp_i])
+        return max(owned)
     if dims.ep == 1:
         return max(shares(params, stage_world))
     dense = shares([p for p in params if not p.expert], stage_world)
@@ -263,7 +288,7 @@ def _stage_bytes(cfg, model, dims: ParallelDims, layers, first, last, pp_rank, e
     if stage >= 2:
         optim = sharded
     elif stage == 1 and synced:
-        optim = _zero1_owned(params, dims)
+        optim = _zero1_owned(params, dims, bool(_get(s, "sequence_parallel", True)))
     else:
         optim = local
     gathered = 0
