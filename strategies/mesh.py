@@ -339,11 +339,6 @@ def world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return mesh._flatten().get_group()  # every rank calls this in the same order: a collective
 
 
-def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The 1-D sub-mesh along dp: FSDP shards each expert shard over it."""
-    return mesh["dp"]
-
-
 def expert_replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A 1-D mesh over the ranks holding this rank's expert shard (`expert_replica_group`): FSDP shards
     each expert shard over it."""
