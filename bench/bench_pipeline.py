@@ -32,7 +32,7 @@ import time
 import weakref
 from pathlib import Path
 
-from benchlib import compose, load_note
+from benchlib import compose, exit_worker, load_note
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2)]
 
@@ -150,13 +150,11 @@ def rank_main(rank, world, port, overrides, microbatches, steps, warmup, out_dir
             dist.all_gather(gathered, stats)
             if rank == 0:
                 rows.append((schedule, v, m, [g.tolist() for g in gathered]))
-    dist.barrier()
     if rank == 0:
         import json
 
         Path(out_dir, "rows.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
-    os._exit(0)  # gloo may abort at interpreter exit after finishing (DESIGN.md facts)
+    exit_worker()  # its barrier: rank 0 has written the rows before any rank leaves
 
 
 def main():

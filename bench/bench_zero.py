@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import bench_env, load_note
+from benchlib import bench_env, exit_worker, load_note
 
 SEQ_LEN = 128
 VARIANTS = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "lightning": None}
@@ -109,12 +109,7 @@ def worker(args) -> None:
         with open(args.out, "w") as f:
             json.dump({"median_step_s": statistics.median(steps), "world_size": trainer.world_size,
                        "local_batch": seen["local_batch"], "last_loss": seen["last_loss"], **seen["memory"]}, f)
-    # gloo can abort at interpreter exit after a correct run (DESIGN.md facts): leave the group, then exit.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_worker()
 
 
 def run(kind: str, model: str, args, tmp: str, round_: int) -> dict:

@@ -38,3 +38,15 @@ def load_note(load_before: float, what: str = "figures are noisy") -> str:
     cores = os.cpu_count() or 1
     busy = load_before > 0.5
     return f"load average (1 min) before the runs: {load_before:.2f} on {cores} cores" + (f"  -- busy machine: {what}" if busy else "")
+
+
+def exit_worker() -> None:
+    """End a worker process: leave its process group (all ranks together), then exit without the
+    interpreter's teardown, where gloo can abort after a correct run (DESIGN.md facts)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
