@@ -21,8 +21,9 @@ loaded the same way, so optimizer sharding can change between save and load too.
 
 Under ZeRO-2/3 parameters and their optimizer state are DTensors (FSDP2 shards): the same keys
 hold them, DCP writes each rank's shard with its offsets and reads back whatever slice the loading
-layout holds, so a ZeRO-3 checkpoint loads on one process and the other way round. Expert stacks
-are sharded on dim 1 (strategies/fsdp.py), so `stack[i]` is still one expert (a DTensor view).
+layout holds, so a ZeRO-3 checkpoint loads on one process and the other way round. An expert stack
+FSDP shards on dim 1 keeps `stack[i]` one expert (a DTensor view); one sharded on dim 0
+(strategies/fsdp.py) holds whole experts, and each rank writes and reads those of its local shard.
 
 Safety: DCP stores tensors as raw storages read back with `torch.load(weights_only=True)`; its
 `.metadata` index is a pickle, which `SafeReader` reads with an allow-list of the classes DCP
@@ -72,13 +73,25 @@ def _expert_modules(module: nn.Module) -> dict[str, GroupedExperts]:
     return {name: m for name, m in module.named_modules() if isinstance(m, GroupedExperts)}
 
 
+def expert_rows(stack: torch.Tensor, owner: GroupedExperts) -> list[tuple[int, torch.Tensor]]:
+    """(global expert index, that expert) for every expert of a (E_local, ...) stack this rank holds.
+
+    Views, not copies: DCP writes from them and loads into them in place. A stack FSDP shards on
+    dim 0 holds an equal run of whole experts per rank (strategies/fsdp.py); those are plain views of
+    its local shard, each written by the one rank that holds it."""
+    if isinstance(stack, DTensor) and stack.placements[0].is_shard(0):
+        local = stack.to_local()
+        start = owner.expert_offset + stack.device_mesh.get_local_rank() * local.shape[0]
+        return [(start + j, local[j]) for j in range(local.shape[0])]
+    return [(owner.expert_offset + i, stack[i]) for i in range(stack.shape[0])]
+
+
 def _split(name: str, tensor: torch.Tensor, experts: dict[str, GroupedExperts]) -> dict[str, torch.Tensor]:
     """{key: tensor}: a stacked expert tensor (E_local, ...) becomes one entry per global expert."""
     owner = experts.get(name.rpartition(".")[0])
     if owner is None or tensor.ndim == 0:
         return {name: tensor}
-    # Views, not copies: DCP writes from them and loads into them in place.
-    return {f"{name}{EXPERT}{owner.expert_offset + i}": tensor[i] for i in range(tensor.shape[0])}
+    return {f"{name}{EXPERT}{index}": expert for index, expert in expert_rows(tensor, owner)}
 
 
 def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,9 +137,10 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, index: 
                     raise NotImplementedError(
                         f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}: only per-expert "
                         f"stacked ({owner.num_local_experts}, ...) or scalar state can be split by expert.")
-                for i in range(owner.num_local_experts):
-                    # Scalars (Adam's step) are shared by the stack: every expert keeps a copy.
-                    state[f"{prefix}/{name}{EXPERT}{owner.expert_offset + i}/{key}"] = value[i] if value.ndim else value
+                # Scalars (Adam's step) are shared by the stack: every expert keeps a copy.
+                rows = expert_rows(value, owner) if value.ndim else [(i, value) for i, _ in expert_rows(p, owner)]
+                for index, row in rows:
+                    state[f"{prefix}/{name}{EXPERT}{index}/{key}"] = row
     return {"state": state, "param_groups": [_hyperparams(g) for g in optimizer.param_groups]}
 
 
@@ -405,7 +419,7 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
             for p in group["params"]:
                 name = names[id(p)]
                 owner = experts.get(name.rpartition(".")[0])
-                heads = ([f"{prefix}/{name}{EXPERT}{owner.expert_offset + i}/" for i in range(owner.num_local_experts)]
+                heads = ([f"{prefix}/{name}{EXPERT}{index}/" for index, _ in expert_rows(p, owner)]
                          if owner is not None else [f"{prefix}/{name}/"])
                 leaves = sorted(state_keys.get(heads[0], []))
                 whole = {}  # leaf -> a tensor laid out like p (a DTensor under FSDP), loaded in place
@@ -414,8 +428,9 @@ def load(path, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> di
                     per_key_shape = tuple(p.shape[1:]) if owner is not None else tuple(p.shape)
                     if tuple(md.size) == per_key_shape and len(per_key_shape) > 0:
                         whole[leaf] = torch.empty_like(p, dtype=md.properties.dtype, device=p.device)
-                        for i, head in enumerate(heads):
-                            targets[head + leaf] = whole[leaf][i] if owner is not None else whole[leaf]
+                        views = [row for _, row in expert_rows(whole[leaf], owner)] if owner is not None else [whole[leaf]]
+                        for head, view in zip(heads, views):
+                            targets[head + leaf] = view
                         continue
                     for head in heads:
                         md = saved[head + leaf]

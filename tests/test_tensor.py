@@ -324,7 +324,8 @@ BAD = {  # id: (overrides, regex of the message)
                    r"strategy\.sequence_parallel=true .* set strategy\.sequence_parallel=false"),
     "mesh-product": (["strategy.mesh.tp=4"], r"strategy\.mesh\.dp=1 x strategy\.mesh\.ep=1 x strategy\.mesh\.tp=4 = 4 "
                      r"processes, but trainer\.devices \* trainer\.num_nodes = 2"),
-    "zero3-moe-expert-width": (["+recipe=moe_8x", "strategy.zero_stage=3", "model.moe.expert_ffn_dim=31"],
+    "zero3-moe-expert-width": (["+recipe=moe_8x", "strategy.zero_stage=3", "model.moe.expert_ffn_dim=31",
+                                "model.moe.num_experts=3"],
                                r"model\.moe\.expert_ffn_dim=31 is not divisible by strategy\.mesh\.dp x "
                                r"strategy\.mesh\.tp = 2: under strategy\.zero_stage=3 .* Use a multiple of 2"),
 }

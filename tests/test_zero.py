@@ -36,8 +36,9 @@ from paratrain.trainer.models.transformer import build_model
     (["model.activation_checkpointing=some"], r"model\.activation_checkpointing='some' is not a checkpointing mode.*none, full, selective"),
     (["strategy=fsdp", "trainer.devices=2", "strategy.reduce_dtype=float16"], r"strategy\.reduce_dtype='float16'.*float32, bfloat16"),
     (["strategy=fsdp", "trainer.devices=2", "trainer.precision=bf16-true"], r"trainer\.precision=bf16-true with strategy\.zero_stage=3.*Use trainer\.precision=bf16-mixed"),
-    (["+recipe=moe_8x", "strategy=fsdp", "trainer.devices=4", "model.d_model=66", "model.n_heads=1"],
-     r"model\.d_model=66 is not divisible by strategy\.mesh\.dp=4.*split evenly over the dp ranks"),
+    (["+recipe=moe_8x", "strategy=fsdp", "trainer.devices=4", "model.d_model=66", "model.n_heads=1", "model.moe.num_experts=6"],
+     r"model\.d_model=66 is not divisible by strategy\.mesh\.dp=4: .* 6 experts per ep rank do not divide evenly.*"
+     r"Use a multiple of 4 for model\.d_model or for the experts per ep rank"),
 ])
 def test_bad_zero_config_is_a_config_error(args, message, compose_run):
     from paratrain.trainer.errors import ConfigError
@@ -60,6 +61,8 @@ def test_fsdp_option_composes_as_zero3_over_every_rank(compose_run):
 
     cfg = compose_run("strategy=fsdp", "trainer.devices=4")
     assert cfg.strategy.zero_stage == 3 and validate(cfg).as_dict() == {"dp": 4, "ep": 1}
+    # 8 experts over dp=4: whole experts per rank (dim 0), so the expert width need not divide by 4.
+    validate(compose_run("+recipe=moe_8x", "strategy=fsdp", "trainer.devices=4", "model.d_model=66", "model.n_heads=1"))
 
 
 # --- 2. activation checkpointing on one process ------------------------------------------------
@@ -106,7 +109,8 @@ def test_activation_checkpointing_keeps_fewer_activations_and_the_same_gradients
 
 
 def zero_grads(rank, world_size, cfg, cases):
-    """For each (dp, ep, stage, ac): lay out, one backward of this rank's slice, gather every gradient."""
+    """For each (dp, ep, stage, ac): lay out, one backward of this rank's slice, gather every gradient.
+    Also returns the dims FSDP shards the expert stacks on (strategies/fsdp.py: 0 or 1)."""
     from torch.distributed.tensor import DTensor
 
     from paratrain.strategies.layout import apply_layout
@@ -131,13 +135,20 @@ def zero_grads(rank, world_size, cfg, cases):
         for name, p in model.named_parameters():
             assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), name
             grads[name] = (p.grad.full_tensor(), offsets.get(name.rsplit(".", 1)[0]))  # collective, same order
-        out.append(grads)
+        out.append((grads, expert_shard_dims(model)))
     return out
 
 
-def assert_grads_equal(results, ref, cases):
+def expert_shard_dims(model) -> set:
+    from paratrain.trainer.models.moe import GroupedExperts
+
+    return {p.placements[0].dim for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+
+def assert_grads_equal(results, ref, cases, expert_dim=0):
     for rank, per_case in enumerate(results):
-        for (dp, ep, stage, ac, *trap), grads in zip(cases, per_case):
+        for (dp, ep, stage, ac, *trap), (grads, dims) in zip(cases, per_case):
+            assert dims == {expert_dim if dp > 1 else 0}, (dp, ep, dims)
             assert grads.keys() == ref.keys()
             for name, (grad, offset) in grads.items():
                 expected = ref[name] if offset is None or ep == 1 else ref[name][offset:offset + grad.shape[0]]
@@ -147,10 +158,71 @@ def assert_grads_equal(results, ref, cases):
                                            msg=f"rank {rank} dp={dp} ep={ep} ZeRO-{stage} ac={ac}: {name}")
 
 
+def zero3_checkpoints(rank, world_size, path):
+    """Per expert count (4: FSDP shards the stacks on dim 0 over dp=2; 3: on dim 1): one AdamW step
+    under ZeRO-3, save; load into a fresh ZeRO-3 layout and into a replicated one (ZeRO-0): every
+    parameter and AdamW moment comes back bitwise. Returns the dims and the saved per-expert shapes."""
+    from torch.distributed.tensor import DTensor
+
+    from paratrain.strategies.layout import apply_layout
+    from paratrain.strategies.mesh import ParallelDims, build_mesh
+
+    dims = ParallelDims(dp=2, ep=1, world_size=world_size)
+    mesh = build_mesh(dims, "cpu")
+
+    def whole(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t  # collective: same order on every rank
+
+    out = {}
+    for num_experts in (4, 3):
+        cfg = model_cfg(num_experts=num_experts)
+
+        def laid_out(stage):
+            model = build_model(cfg, SEED, device="meta")
+            apply_layout(model, dims, mesh, SEED, torch.device("cpu"), zero_stage=stage)
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        model, opt = laid_out(3)
+        x, y = global_batch()
+        loss_of(model, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]).backward()
+        opt.step()
+        target = f"{path}/experts{num_experts}"
+        ckpt.save(target, {"state_dict": ckpt.model_state(model), "optimizer_states": [ckpt.optimizer_state(model, opt)],
+                           "global_step": 1})
+        params = {n: whole(p.detach()) for n, p in model.named_parameters()}
+        moments = {n: whole(opt.state[p]["exp_avg"]) for n, p in model.named_parameters()}
+        for stage in (3, 0):
+            fresh, fresh_opt = laid_out(stage)
+            ckpt.load(target, fresh, [fresh_opt])
+            for n, p in fresh.named_parameters():
+                assert torch.equal(whole(p.detach()), params[n]), (num_experts, stage, n)
+                assert torch.equal(whole(fresh_opt.state[p]["exp_avg"]), moments[n]), (num_experts, stage, n)
+        saved = ckpt.tensor_metadata(target)
+        consolidated = ckpt.consolidated_model_state(target) if rank == 0 else params
+        out[num_experts] = {
+            "dims": expert_shard_dims(model),
+            "w1": [tuple(saved[f"layers.0.ffn.experts.w1/expert/{i}"].size) for i in range(num_experts)],
+            "exp_avg": tuple(saved["optim/layers.0.ffn.experts.w2/expert/2/exp_avg"].size),
+            "consolidated": consolidated.keys() == params.keys() and all(torch.equal(consolidated[k], params[k]) for k in params),
+        }
+    return out
+
+
 def test_zero_gradients_on_two_ranks_equal_single_process():
     cfg = model_cfg()
     cases = [(2, 1, 2, "none"), (2, 1, 3, "none"), (2, 1, 3, "full"), (1, 2, 3, "selective"), (1, 2, 2, "none")]
     assert_grads_equal(run_on_ranks(zero_grads, 2, cfg, cases, timeout_s=180), reference_grads(cfg), cases)
+    # 3 experts do not divide over dp=2: FSDP shards each stack on dim 1 instead (strategies/fsdp.py).
+    cfg, cases = model_cfg(num_experts=3), [(2, 1, 3, "none"), (2, 1, 2, "none")]
+    assert_grads_equal(run_on_ranks(zero_grads, 2, cfg, cases, timeout_s=180), reference_grads(cfg), cases, expert_dim=1)
+
+
+def test_zero3_checkpoints_of_dim0_and_dim1_expert_shards_load_into_any_layout(tmp_path):
+    """Both ways FSDP shards an expert stack save the same keys: one whole expert per global index."""
+    for rank, out in enumerate(run_on_ranks(zero3_checkpoints, 2, str(tmp_path), timeout_s=180)):
+        assert out[4]["dims"] == {0} and out[3]["dims"] == {1}, out
+        for n in (4, 3):
+            assert out[n]["w1"] == [(32, 16)] * n and out[n]["exp_avg"] == (16, 32) and out[n]["consolidated"], (rank, out)
 
 
 def test_hybrid_zero3_gradients_with_capacity_equal_single_process():

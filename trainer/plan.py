@@ -7,7 +7,7 @@ precision and batch, to the bytes one rank holds:
     params      the rank's pipeline stage (embedding on the first, final norm and head on the last),
                 tp-split matrices / tp, experts / ep; ZeRO-2/3 (FSDP2) hold each sharded over its
                 replica ranks, padded to even shards: dense ones over dp x ep (dim 0), experts over dp
-                (dim 1); the unsharded copies exist only while FSDP computes (fsdp_gathered)
+                (dim 0 when the local experts divide evenly, else dim 1); the unsharded copies exist only while FSDP computes (fsdp_gathered)
     grads       one gradient per held parameter, in the parameter dtype; with more than one rank per
                 stage it lives in the gradient-sync buffer (strategies/grad_sync.py, + one flag per
                 tensor); ZeRO-2/3 hold FSDP's padded reduce-scatter shards instead
@@ -213,10 +213,13 @@ def _held_params(model, dims: ParallelDims, layers: set, first: bool, last: bool
 def _fsdp_shard(p: _Held, dims: ParallelDims) -> int:
     """Elements of FSDP2's padded shard (every rank allocates ceil(dim / ranks) rows; rank 0's state
     is that size too), over the meshes of strategies/fsdp.py: dense parameters on dim 0 over the data
-    ranks (dp x ep); experts on dim 1 over the ranks holding their shard (dp, x tp under tp); under
-    tp the router on dim 0 over every rank of the stage (dp x ep x tp)."""
+    ranks (dp x ep); experts over the ranks holding their shard (dp, x tp under tp), on the dim of
+    `fsdp.expert_shard_dim`; under tp the router on dim 0 over every rank of the stage (dp x ep x tp)."""
+    from ..strategies.fsdp import expert_shard_dim
+
     if p.expert:
-        ranks, dim = dims.dp * dims.tp, 1
+        ranks = dims.dp * dims.tp
+        dim = expert_shard_dim(p.shape[0], ranks)
     elif p.kind == "router" and dims.tp > 1:
         ranks, dim = dims.dp * dims.ep * dims.tp, 0
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..strategies.fsdp import expert_shard_dim
 from ..strategies.mesh import ParallelDims
 from . import hf_init, loggers, tokenizer
 from .errors import ConfigError, unknown_key_error
@@ -225,15 +226,16 @@ def validate_strategy(cfg) -> ParallelDims:
                  f"strategy=ddp for a dense model.")
         dims.validate_experts(cfg.model.moe.num_experts)
     if dims.tp > 1:
-        validate_tensor_parallel(cfg, dims.tp, dims.dp)
+        validate_tensor_parallel(cfg, dims)
     validate_zero(cfg, dims)
     _require(s.bucket_size_mb > 0, f"strategy.bucket_size_mb={s.bucket_size_mb} must be positive. Use e.g. 25.")
     _require(s.timeout_s > 0, f"strategy.timeout_s={s.timeout_s} must be positive: it bounds how long a collective waits for a dead rank.")
     return dims
 
 
-def validate_tensor_parallel(cfg, tp: int, dp: int = 1) -> None:
+def validate_tensor_parallel(cfg, dims: ParallelDims) -> None:
     """What strategies/tensor_parallel.py splits over tp (and, under ZeRO-2/3, FSDP over dp x tp) must split evenly."""
+    tp, dp, ep = dims.tp, dims.dp, dims.ep
     m, moe, sp = cfg.model, cfg.model.moe, cfg.strategy.sequence_parallel
     fix = f"or change strategy.mesh.tp={tp}"
     splits = [("model.n_heads", m.n_heads, "attention heads are split over the tp ranks"),
@@ -267,16 +269,19 @@ def validate_tensor_parallel(cfg, tp: int, dp: int = 1) -> None:
              f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
              f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
     stage = cfg.strategy.zero_stage
-    if isinstance(stage, int) and stage >= 2 and moe is not None:
-        # The experts, replicated over tp, are sharded on dim 1 over dp x tp (strategies/fsdp.py).
+    if isinstance(stage, int) and stage >= 2 and moe is not None and expert_shard_dim(moe.num_experts // ep, dp * tp) == 1:
+        # The experts, replicated over tp, are sharded over dp x tp: on dim 1 when the local experts
+        # do not divide evenly over them (strategies/fsdp.py).
         replicas = dp * tp
         hidden = moe.expert_ffn_dim or m.ffn_dim
         for key, width in (("model.d_model", m.d_model), ("model.moe.expert_ffn_dim", hidden)):
             _require(width % replicas == 0,
                      f"{key}={width} is not divisible by strategy.mesh.dp x strategy.mesh.tp = {replicas}: under "
-                     f"strategy.zero_stage={stage} with tensor parallelism each expert is replicated "
-                     f"over tp, and its matrices are split evenly over the {replicas} ranks that hold it. Use a multiple "
-                     f"of {replicas} for {key}, or strategy.zero_stage=0 or 1.")
+                     f"strategy.zero_stage={stage} with tensor parallelism each expert is replicated over tp, and "
+                     f"as the {moe.num_experts // ep} experts per ep rank do not divide evenly over the {replicas} ranks "
+                     f"that hold them, each expert's matrices are split evenly over those ranks instead. Use a multiple "
+                     f"of {replicas} for {key} or for the experts per ep rank (model.moe.num_experts / strategy.mesh.ep), "
+                     f"or strategy.zero_stage=0 or 1.")
 
 
 def validate_zero(cfg, dims: ParallelDims) -> None:
@@ -302,14 +307,16 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
              f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
              f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
     moe = cfg.model.moe
-    if stage >= 2 and moe is not None and dims.dp > 1:
-        # Expert stacks (E_local, d, h) / (E_local, h, d) are sharded on dim 1 over dp (strategies/fsdp.py).
+    if stage >= 2 and moe is not None and dims.dp > 1 and expert_shard_dim(moe.num_experts // dims.ep, dims.dp) == 1:
+        # Expert stacks (E_local, d, h) / (E_local, h, d) whose experts do not divide evenly over dp
+        # are sharded on dim 1 over dp (strategies/fsdp.py).
         hidden = moe.expert_ffn_dim or cfg.model.ffn_dim
         for key, width in (("model.d_model", cfg.model.d_model), ("model.moe.expert_ffn_dim", hidden)):
             _require(width % dims.dp == 0,
                      f"{key}={width} is not divisible by strategy.mesh.dp={dims.dp}: under strategy.zero_stage={stage} "
-                     f"each expert's matrices are split evenly over the dp ranks that hold it. Use a multiple of "
-                     f"{dims.dp}, or strategy.zero_stage=1.")
+                     f"the {moe.num_experts // dims.ep} experts per ep rank do not divide evenly over the dp ranks, so "
+                     f"each expert's matrices are split evenly over them instead. Use a multiple of {dims.dp} for {key} "
+                     f"or for the experts per ep rank (model.moe.num_experts / strategy.mesh.ep), or strategy.zero_stage=1.")
 def pipeline_microbatches(p, pp: int) -> int:
     return p.microbatches if p.microbatches is not None else 2 * pp
 
