@@ -29,8 +29,8 @@ Expert stacks (E_local, d, h) and (E_local, h, d) are sharded on dim 0, whole ex
 E_local divides by the ranks holding them (`expert_shard_dim`), as for every other parameter; else on
 dim 1, so that E_local need not divide (d and h must then: validate.py). Dim 0 is the cheaper one: a
 dim-1 shard costs FSDP a strided copy into and out of every all-gather and reduce-scatter (bench_zero
-moe_8x: 1.16x Lightning's step time on dim 1, 1.0x on dim 0). Either way a checkpoint holds each
-expert by its global index (strategies/portable_state.py).
+moe_8x, ZeRO-3 / Lightning's FSDP2 step time: 1.16x on dim 1, 0.95-0.99x on dim 0). Either way a
+checkpoint holds each expert by its global index (strategies/portable_state.py).
 """
 
 import torch
