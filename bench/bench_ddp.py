@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import bench_env, load_note
+from benchlib import bench_env, chosen_variants, load_note
 
 SEQ_LEN = 128
 VARIANTS = [("single", 1), ("single_x2", 1), ("ours", 2), ("lightning", 2)]
@@ -152,10 +152,7 @@ def main() -> None:
     if args.steps < args.warmup + 3:
         p.error(f"--steps={args.steps} leaves fewer than 2 timed steps after --warmup={args.warmup}")
 
-    chosen = args.variants.split(",")
-    unknown = sorted(set(chosen) - {k for k, _ in VARIANTS})
-    if unknown:
-        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(k for k, _ in VARIANTS)}")
+    chosen = chosen_variants(p, args.variants, [k for k, _ in VARIANTS])
     variants = [(k, d) for k, d in VARIANTS if k in chosen]
     load_before = os.getloadavg()[0]  # other people's work: ours has not started yet
     results = {kind: [] for kind, _ in variants}

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import bench_env, exit_worker, load_note
+from benchlib import bench_env, chosen_variants, exit_worker, load_note
 
 SEQ_LEN = 128
 VARIANTS = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "lightning": None}
@@ -150,10 +150,7 @@ def main() -> None:
         p.error(f"--steps={args.steps} leaves fewer than 2 timed steps after --warmup={args.warmup}")
 
     load_before = os.getloadavg()[0]
-    kinds = args.variants.split(",")
-    unknown = sorted(set(kinds) - set(VARIANTS))
-    if unknown:
-        p.error(f"--variants: {', '.join(unknown)} not among {', '.join(VARIANTS)}")
+    kinds = chosen_variants(p, args.variants, list(VARIANTS))
     for model in args.models.split(","):
         results = {k: [] for k in kinds}
         with tempfile.TemporaryDirectory(prefix="bench_zero-") as tmp:

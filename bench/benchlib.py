@@ -34,6 +34,15 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def chosen_variants(parser, text: str, names) -> list[str]:
+    """The --variants subset (comma-separated, in the order given); an unknown one is a usage error."""
+    chosen = text.split(",")
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"--variants: {', '.join(unknown)} not among {', '.join(names)}")
+    return chosen
+
+
 def load_note(load_before: float, what: str = "figures are noisy") -> str:
     cores = os.cpu_count() or 1
     busy = load_before > 0.5

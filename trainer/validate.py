@@ -234,8 +234,9 @@ def validate_strategy(cfg) -> ParallelDims:
 
 
 def validate_tensor_parallel(cfg, dims: ParallelDims) -> None:
-    """What strategies/tensor_parallel.py splits over tp (and, under ZeRO-2/3, FSDP over dp x tp) must split evenly."""
-    tp, dp, ep = dims.tp, dims.dp, dims.ep
+    """What strategies/tensor_parallel.py splits over tp must split evenly (FSDP's expert shards over
+    dp x tp: validate_zero)."""
+    tp = dims.tp
     m, moe, sp = cfg.model, cfg.model.moe, cfg.strategy.sequence_parallel
     fix = f"or change strategy.mesh.tp={tp}"
     splits = [("model.n_heads", m.n_heads, "attention heads are split over the tp ranks"),
@@ -268,20 +269,6 @@ def validate_tensor_parallel(cfg, dims: ParallelDims) -> None:
              f"data.seq_len={cfg.data.seq_len} is not divisible by strategy.mesh.tp={tp}: with "
              f"strategy.sequence_parallel=true each tp rank holds an equal slice of every sequence between blocks. "
              f"Use a multiple of {tp} for data.seq_len, set strategy.sequence_parallel=false, {fix}.")
-    stage = cfg.strategy.zero_stage
-    if isinstance(stage, int) and stage >= 2 and moe is not None and expert_shard_dim(moe.num_experts // ep, dp * tp) == 1:
-        # The experts, replicated over tp, are sharded over dp x tp: on dim 1 when the local experts
-        # do not divide evenly over them (strategies/fsdp.py).
-        replicas = dp * tp
-        hidden = moe.expert_ffn_dim or m.ffn_dim
-        for key, width in (("model.d_model", m.d_model), ("model.moe.expert_ffn_dim", hidden)):
-            _require(width % replicas == 0,
-                     f"{key}={width} is not divisible by strategy.mesh.dp x strategy.mesh.tp = {replicas}: under "
-                     f"strategy.zero_stage={stage} with tensor parallelism each expert is replicated over tp, and "
-                     f"as the {moe.num_experts // ep} experts per ep rank do not divide evenly over the {replicas} ranks "
-                     f"that hold them, each expert's matrices are split evenly over those ranks instead. Use a multiple "
-                     f"of {replicas} for {key} or for the experts per ep rank (model.moe.num_experts / strategy.mesh.ep), "
-                     f"or strategy.zero_stage=0 or 1.")
 
 
 def validate_zero(cfg, dims: ParallelDims) -> None:
@@ -307,16 +294,21 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
              f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
              f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
     moe = cfg.model.moe
-    if stage >= 2 and moe is not None and dims.dp > 1 and expert_shard_dim(moe.num_experts // dims.ep, dims.dp) == 1:
-        # Expert stacks (E_local, d, h) / (E_local, h, d) whose experts do not divide evenly over dp
-        # are sharded on dim 1 over dp (strategies/fsdp.py).
+    ranks = dims.dp * dims.tp  # the ranks FSDP shards each expert stack over (strategies/fsdp.py)
+    if stage >= 2 and moe is not None and expert_shard_dim(moe.num_experts // dims.ep, ranks) == 1:
+        # The local experts do not divide evenly over those ranks: the stacks are sharded on dim 1.
+        over = f"strategy.mesh.dp={ranks}" if dims.tp == 1 else f"strategy.mesh.dp x strategy.mesh.tp = {ranks}"
+        replicated = " (each expert is replicated over tp)" if dims.tp > 1 else ""
         hidden = moe.expert_ffn_dim or cfg.model.ffn_dim
         for key, width in (("model.d_model", cfg.model.d_model), ("model.moe.expert_ffn_dim", hidden)):
-            _require(width % dims.dp == 0,
-                     f"{key}={width} is not divisible by strategy.mesh.dp={dims.dp}: under strategy.zero_stage={stage} "
-                     f"the {moe.num_experts // dims.ep} experts per ep rank do not divide evenly over the dp ranks, so "
-                     f"each expert's matrices are split evenly over them instead. Use a multiple of {dims.dp} for {key} "
-                     f"or for the experts per ep rank (model.moe.num_experts / strategy.mesh.ep), or strategy.zero_stage=1.")
+            _require(width % ranks == 0,
+                     f"{key}={width} is not divisible by {over}: under strategy.zero_stage={stage} the "
+                     f"{moe.num_experts // dims.ep} experts per ep rank do not divide evenly over the {ranks} ranks "
+                     f"that hold them{replicated}, so each expert's matrices are split evenly over them instead. Use "
+                     f"a multiple of {ranks} for {key} or for the experts per ep rank (model.moe.num_experts / "
+                     f"strategy.mesh.ep), or strategy.zero_stage=0 or 1.")
+
+
 def pipeline_microbatches(p, pp: int) -> int:
     return p.microbatches if p.microbatches is not None else 2 * pp
 
