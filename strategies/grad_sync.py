@@ -26,7 +26,9 @@ Parameters of each group are packed into flat buckets of about `bucket_size_mb`,
 registration order (a fair guess at the order backward produces gradients). The first bucket of a
 group may be smaller (`first_bucket_mb`, 1 MiB from MeshStrategy, as torch DDP does): with one
 25 MiB bucket a small model's only all-reduce would start after the whole backward, overlapping
-nothing. A
+nothing. So may the last (`last_bucket_mb`, 1 MiB from MeshStrategy; torch DDP has no such
+bound): its all-reduce starts with the last gradient (the embedding's), nothing is left to
+overlap it, and finish() waits for all of it; the bucket before it starts a block earlier. A
 post-accumulate-grad hook on every parameter copies its gradient, scaled, into its bucket; when a
 bucket is complete its all-reduce starts at once (async) and overlaps the rest of backward.
 `finish()` (before clipping and the optimizer step) starts whatever is left, waits, and points
@@ -190,23 +192,41 @@ class _Chain:
         self.next = 0
 
 
-def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int,
-          first_bytes: Optional[int] = None) -> Iterator[List[torch.nn.Parameter]]:
-    """Consecutive runs of params of at most bucket_bytes (a bigger param gets its own bucket);
-    the first run at most `first_bytes`, so that its all-reduce starts early in backward."""
+def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int, first_bytes: Optional[int] = None,
+          last_bytes: Optional[int] = None) -> Iterator[List[torch.nn.Parameter]]:
+    """Consecutive runs of params (in the order backward produces their gradients) of at most
+    bucket_bytes (a bigger param gets its own bucket); the first run at most `first_bytes`, so that
+    its all-reduce starts early in backward, and the last at most `last_bytes`, because nothing is
+    left to overlap the last all-reduce: finish() waits for all of it."""
+    params = list(params)
+    tail: List[torch.nn.Parameter] = []
+    if last_bytes:
+        size = 0
+        while params and (not tail or (size + _nbytes(params[-1]) <= last_bytes and _same_kind(params[-1], tail[0]))):
+            size += _nbytes(params[-1])
+            tail.insert(0, params.pop())
     bucket: List[torch.nn.Parameter] = []
     size = 0
     limit = min(bucket_bytes, first_bytes or bucket_bytes)
     for p in params:
-        nbytes = p.numel() * p.element_size()
-        compatible = not bucket or (p.dtype, p.device) == (bucket[0].dtype, bucket[0].device)
-        if bucket and (size + nbytes > limit or not compatible):
+        if bucket and (size + _nbytes(p) > limit or not _same_kind(p, bucket[0])):
             yield bucket
             bucket, size, limit = [], 0, bucket_bytes
         bucket.append(p)
-        size += nbytes
+        size += _nbytes(p)
     if bucket:
         yield bucket
+    if tail:
+        yield tail
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _same_kind(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """One bucket is one flat buffer: one dtype, one device."""
+    return (p.dtype, p.device) == (q.dtype, q.device)
 
 
 def _scaled_copy(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
@@ -231,6 +251,7 @@ class GradientSync:
         bucket_size_mb: float = 25.0,
         record_events: bool = False,
         first_bucket_mb: Optional[float] = None,
+        last_bucket_mb: Optional[float] = None,
     ) -> None:
         if not isinstance(bucket_size_mb, (int, float)) or not bucket_size_mb > 0:
             raise ConfigError(
@@ -259,6 +280,7 @@ class GradientSync:
 
         bucket_bytes = int(bucket_size_mb * 2**20)
         first_bytes = int(first_bucket_mb * 2**20) if first_bucket_mb else None
+        last_bytes = int(last_bucket_mb * 2**20) if last_bucket_mb else None
         seen = set()
         for spec in groups:
             params, group, scale, *rest = spec
@@ -275,7 +297,7 @@ class GradientSync:
             else:
                 group_size = 1
             chain = self._chains.setdefault(group, _Chain())
-            for bucket_params in _pack(params[::-1], bucket_bytes, first_bytes):
+            for bucket_params in _pack(params[::-1], bucket_bytes, first_bytes, last_bytes):
                 bucket = _Bucket(len(self.buckets), bucket_params, group, group_size, float(scale))
                 self.buckets.append(bucket)
                 chain.buckets.append(bucket)

@@ -86,7 +86,8 @@ class MeshStrategy(ModelParallelStrategy):
         if self.dims.tp > 1:
             module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
-            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0)
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0,
+                                          last_bucket_mb=1.0)
         if self.dims.pp > 1:
             c = self.pipeline_cfg
             fsdp = self.reduction_groups == []  # the layout sharded the blocks with FSDP2 (ZeRO-2/3)

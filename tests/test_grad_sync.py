@@ -302,6 +302,25 @@ def test_buckets_pack_in_reverse_order_and_big_params_get_their_own():
     assert [bucket.params[0] is e for bucket in sync.buckets] == [True, False, False, False]
 
 
+def test_first_and_last_buckets_are_bounded_apart_from_the_rest():
+    # Gradients arrive last for the first-registered params: the bucket holding them is bounded by
+    # last_bucket_mb (its all-reduce overlaps nothing), the one holding the first to arrive by
+    # first_bucket_mb, the rest by bucket_size_mb; a param bigger than a bound gets its own bucket.
+    kib = 2**-10
+    sizes = (1, 1, 4, 4, 2, 1, 3)  # KiB, registration order; backward produces them reversed
+    params = [nn.Parameter(torch.zeros(n * 256)) for n in sizes]
+
+    def layout(**bounds):
+        sync = GradientSync([ReductionGroup(params, None, 1.0)], bucket_size_mb=8 * kib, **bounds)
+        return [[p.numel() * p.element_size() // 1024 for p in bucket.params] for bucket in sync.buckets]
+
+    assert layout(first_bucket_mb=2 * kib) == [[3], [1, 2, 4], [4, 1, 1]]
+    assert layout(first_bucket_mb=2 * kib, last_bucket_mb=2 * kib) == [[3], [1, 2, 4], [4], [1, 1]]
+    # One buffer holds one dtype: a float64 param ends the last bucket early.
+    params[1] = nn.Parameter(torch.zeros(128, dtype=torch.float64))
+    assert layout(first_bucket_mb=2 * kib, last_bucket_mb=2 * kib) == [[3], [1, 2, 4], [4], [1], [1]]
+
+
 def test_single_process_scale_views_and_missing_grads():
     used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
     sync = GradientSync([ReductionGroup([used, unused], None, 0.5)], bucket_size_mb=1)
