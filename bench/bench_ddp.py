@@ -22,6 +22,14 @@ Targets (DESIGN.md): ours / lightning step time <= 1.0; weak scaling t_single / 
 The ceiling line, t_single_x2 / t_ours, is the share of the machine's own two-process speed that
 the gradient sync keeps (1.0 = the sync costs nothing).
 2 processes need 2 free cores: on a loaded machine both ratios mostly measure the load.
+
+Separate runs drift: on this machine one variant's step time moves by +-5% from run to run, more
+than the gap being measured. So the bench ends with an A/B of the gradient sync alone
+(--ab-blocks, 0 = skip): one 2-process job holds two copies of the model, one synced by our
+GradientSync (as MeshStrategy builds it) and one wrapped in torch's DistributedDataParallel, and
+trains them in alternating blocks of steps on the same batches (a plain loop: forward, backward,
+sync, AdamW), so both see the same machine at the same minutes. The two copies must end with the
+same weights (to float rounding).
 """
 
 import argparse
@@ -33,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import bench_env, chosen_variants, load_note
+from benchlib import bench_env, chosen_variants, exit_worker, load_note
 
 SEQ_LEN = 128
 VARIANTS = [("single", 1), ("single_x2", 1), ("ours", 2), ("lightning", 2)]
@@ -94,6 +102,86 @@ def worker(args) -> None:
                        "local_batch": seen["local_batch"], "sync": sync, "last_loss": seen["last_loss"]}, f)
 
 
+def ab_worker(args) -> None:
+    """One rank of the sync A/B (see the module doc); rank 0 writes the step times to args.out."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+    from torch.nn.parallel import DistributedDataParallel
+
+    from paratrain.strategies.grad_sync import EDGE_BUCKET_MB, GradientSync, reduction_groups_for
+    from paratrain.strategies.mesh import ParallelDims, build_mesh
+    from paratrain.trainer.models.transformer import build_model
+    from paratrain.trainer.schema import ModelConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
+    mesh = build_mesh(ParallelDims(dp=2, ep=1, world_size=2), "cpu")
+    base = build_model(OmegaConf.structured(ModelConfig()), 0, device="cpu")
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    sync = GradientSync(reduction_groups_for(ours.parameters(), [], mesh), args.bucket_mb,
+                        first_bucket_mb=EDGE_BUCKET_MB, last_bucket_mb=EDGE_BUCKET_MB)
+    models = {"ours": (ours, ours, sync), "ddp": (DistributedDataParallel(theirs), theirs, None)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (_, m, _) in models.items()}
+    g = torch.Generator().manual_seed(args.rank)
+    batches = [torch.randint(0, 256, (args.batch, SEQ_LEN + 1), generator=g) for _ in range(args.ab_steps)]
+    times = {k: [] for k in models}
+    for block in range(args.ab_blocks + 1):  # block 0 warms up
+        for kind, (forward, model, grad_sync) in models.items():
+            dist.barrier()
+            for i, x in enumerate(batches):
+                t0 = time.perf_counter()
+                F.cross_entropy(forward(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+                if grad_sync is not None:
+                    grad_sync.finish()
+                opts[kind].step()
+                opts[kind].zero_grad(set_to_none=True)
+                if block > 0 and i > 0:  # the first step of a block runs on the other copy's caches
+                    times[kind].append(time.perf_counter() - t0)
+    gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
+    if args.rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"times": times, "weight_gap": gap}, f)
+    exit_worker()
+
+
+def run_ab(args, tmp: str) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.path.join(tmp, "sync_ab.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sync_ab", "--port", str(port),
+           "--bucket-mb", str(args.bucket_mb), "--batch", str(args.batch), "--ab-blocks", str(args.ab_blocks),
+           "--ab-steps", str(args.ab_steps), "--out", out]
+    logs = [open(os.path.join(tmp, f"sync_ab-{r}.err"), "w+") for r in range(2)]
+    procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=bench_env(), stdout=subprocess.DEVNULL, stderr=log)
+             for r, log in enumerate(logs)]
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=args.timeout)
+        if proc.returncode != 0:
+            log.seek(0)
+            sys.exit(f"sync A/B failed with exit status {proc.returncode}:\n{log.read()[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def print_ab(ab: dict, args) -> None:
+    t = {k: statistics.median(v) for k, v in ab["times"].items()}
+    per_block = args.ab_steps - 1
+    blocks = [statistics.median(o) / statistics.median(d) for o, d in
+              zip(*(zip(*[iter(ab["times"][k])] * per_block) for k in ("ours", "ddp")))]
+    q1, _, q3 = statistics.quantiles(blocks, n=4)
+    print(f"sync A/B, one 2-process job, {args.ab_blocks} alternating blocks of {per_block} timed steps each:")
+    print(f"  ours {t['ours'] * 1e3:.1f} ms/step, torch DDP {t['ddp'] * 1e3:.1f} ms/step: ours / DDP "
+          f"{t['ours'] / t['ddp']:.3f}  (per-block ratios, quartiles: {q1:.3f} .. {q3:.3f}); "
+          f"weights agree to {ab['weight_gap']:.1e}")
+
+
 def run(kind: str, devices: int, per_process_batch: int, args, tmp: str, round_: int) -> dict:
     copies = 2 if kind == "single_x2" else 1  # independent runs started together
     outs = [os.path.join(tmp, f"{kind}-{round_}-{c}.json") for c in range(copies)]
@@ -140,17 +228,23 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(k for k, _ in VARIANTS),
                    help="comma-separated subset of " + ", ".join(k for k, _ in VARIANTS))
     p.add_argument("--bucket-mb", type=float, default=25.0, help="ours: strategy.bucket_size_mb")
+    p.add_argument("--ab-blocks", type=int, default=20, help="blocks per copy in the sync A/B (0 = no A/B)")
+    p.add_argument("--ab-steps", type=int, default=5, help="steps per block in the sync A/B (the first is not timed)")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--global-batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.kind = args.worker
-        return worker(args)
+        return ab_worker(args) if args.worker == "sync_ab" else worker(args)
     if args.steps < args.warmup + 3:
         p.error(f"--steps={args.steps} leaves fewer than 2 timed steps after --warmup={args.warmup}")
+    if args.ab_blocks and (args.ab_blocks < 4 or args.ab_steps < 2):
+        p.error("--ab-blocks needs at least 4 blocks of --ab-steps >= 2 (or 0 for no A/B)")
 
     chosen = chosen_variants(p, args.variants, [k for k, _ in VARIANTS])
     variants = [(k, d) for k, d in VARIANTS if k in chosen]
@@ -164,6 +258,7 @@ def main() -> None:
                 results[kind].append(run(kind, devices, args.batch, args, tmp, r))
                 print(f"  round {r + 1}/{args.rounds} {kind:<10} {results[kind][-1]['median_step_s'] * 1e3:7.1f} "
                       f"ms/step ({time.perf_counter() - t0:.0f} s run)", flush=True)
+        ab = run_ab(args, tmp) if args.ab_blocks else None
 
     t = {kind: statistics.median(x["median_step_s"] for x in rs) for kind, rs in results.items()}
     tok = SEQ_LEN * args.batch
@@ -189,6 +284,8 @@ def main() -> None:
     if {"single_x2", "ours", "lightning"} <= t.keys():
         print(f"ours / ceiling:                    {t['single_x2'] / t['ours']:.3f}  "
               f"(lightning: {t['single_x2'] / t['lightning']:.3f}; 1.0 = the sync costs nothing)")
+    if ab is not None:
+        print_ab(ab, args)
     print(load_note(load_before, "the 2-process figures mostly measure the load"))
 
 

@@ -24,7 +24,7 @@ How a step runs
 ---------------
 Parameters of each group are packed into flat buckets of about `bucket_size_mb`, in reverse
 registration order (a fair guess at the order backward produces gradients). The first bucket of a
-group may be smaller (`first_bucket_mb`, 1 MiB from MeshStrategy, as torch DDP does): with one
+group may be smaller (`first_bucket_mb`, EDGE_BUCKET_MB = 1 MiB from MeshStrategy, as torch DDP does): with one
 25 MiB bucket a small model's only all-reduce would start after the whole backward, overlapping
 nothing. So may the last (`last_bucket_mb`, 1 MiB from MeshStrategy; torch DDP has no such
 bound): its all-reduce starts with the last gradient (the embedding's), nothing is left to
@@ -66,6 +66,9 @@ from torch.distributed.tensor import DTensor
 
 from paratrain.strategies.mesh import axis_size, data_group, dp_group, expert_replica_group, world_group
 from paratrain.trainer.errors import ConfigError
+
+EDGE_BUCKET_MB = 1.0
+"""MeshStrategy's bound on the first and the last bucket of a group (see "How a step runs")."""
 
 
 class ReductionGroup(NamedTuple):
@@ -201,7 +204,7 @@ def _pack(params: Sequence[torch.nn.Parameter], bucket_bytes: int, first_bytes: 
     params = list(params)
     tail: List[torch.nn.Parameter] = []
     if last_bytes:
-        size = 0
+        last_bytes, size = min(last_bytes, bucket_bytes), 0
         while params and (not tail or (size + _nbytes(params[-1]) <= last_bytes and _same_kind(params[-1], tail[0]))):
             size += _nbytes(params[-1])
             tail.insert(0, params.pop())

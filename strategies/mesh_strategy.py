@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from . import portable_state
-from .grad_sync import GradientSync
+from .grad_sync import EDGE_BUCKET_MB, GradientSync
 from .grad_norm import clip_grad_norm_
 from .fsdp import mixed_precision_policy, shard_stage_root
 from .layout import apply_layout
@@ -86,8 +86,8 @@ class MeshStrategy(ModelParallelStrategy):
         if self.dims.tp > 1:
             module.cross_entropy = parallel_cross_entropy  # on vocab-sharded logits
         if self.reduction_groups:
-            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=1.0,
-                                          last_bucket_mb=1.0)
+            self.grad_sync = GradientSync(self.reduction_groups, self.bucket_size_mb, first_bucket_mb=EDGE_BUCKET_MB,
+                                          last_bucket_mb=EDGE_BUCKET_MB)
         if self.dims.pp > 1:
             c = self.pipeline_cfg
             fsdp = self.reduction_groups == []  # the layout sharded the blocks with FSDP2 (ZeRO-2/3)

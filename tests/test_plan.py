@@ -27,7 +27,7 @@ from distributed import run_on_ranks
 # Imported here, not in the ranks' function: the ranks fork from a server that has imported this
 # module (tests/distributed.py), so they start with Lightning and the strategies already loaded.
 from paratrain.strategies.fsdp import shard_stage_root
-from paratrain.strategies.grad_sync import GradientSync
+from paratrain.strategies.grad_sync import EDGE_BUCKET_MB, GradientSync
 from paratrain.strategies.layout import apply_layout
 from paratrain.strategies.mesh import ParallelDims, build_mesh
 from paratrain.strategies.pipeline_parallel import Pipeline
@@ -197,7 +197,7 @@ def measure_step(rank, world_size, cfg, mesh):
     device_mesh = build_mesh(dims, "cpu") if world_size > 1 else None
     groups = apply_layout(model, dims, device_mesh, cfg.seed, torch.device("cpu"), zero_stage=s.zero_stage,
                           sequence_parallel=s.sequence_parallel, pipeline=pipeline_cfg)
-    sync = GradientSync(groups, s.bucket_size_mb, first_bucket_mb=1.0, last_bucket_mb=1.0) if groups else None
+    sync = GradientSync(groups, s.bucket_size_mb, first_bucket_mb=EDGE_BUCKET_MB, last_bucket_mb=EDGE_BUCKET_MB) if groups else None
     micro = cfg.data.batch_size // dims.data_ranks
     g = torch.Generator().manual_seed(dims.data_rank(rank))  # tp ranks and stages share their data slice
     tokens = torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len + 1), generator=g)
