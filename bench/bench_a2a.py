@@ -29,13 +29,12 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import compose, load_note
+from benchlib import compose, free_port, load_note
 
 A2A = re.compile(r"all_to_all|alltoall|wait_tensor|^bench::a2a")
 
@@ -172,9 +171,7 @@ def main() -> None:
 
     os.environ["OMP_NUM_THREADS"] = "1"  # before the children import torch
     load_before = os.getloadavg()[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench_a2a-") as out_dir:
         mp.spawn(body, args=(args.world, port, args, out_dir), nprocs=args.world, join=True)
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(args.world)]

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import bench_env, chosen_variants, exit_worker, load_note
+from benchlib import bench_env, chosen_variants, exit_worker, free_port, load_note
 
 SEQ_LEN = 128
 VARIANTS = [("single", 1), ("single_x2", 1), ("ours", 2), ("lightning", 2)]
@@ -149,23 +149,12 @@ def ab_worker(args) -> None:
 
 
 def run_ab(args, tmp: str) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = os.path.join(tmp, "sync_ab.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sync_ab", "--port", str(port),
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sync_ab", "--port", str(free_port()),
            "--bucket-mb", str(args.bucket_mb), "--batch", str(args.batch), "--ab-blocks", str(args.ab_blocks),
            "--ab-steps", str(args.ab_steps), "--out", out]
-    logs = [open(os.path.join(tmp, f"sync_ab-{r}.err"), "w+") for r in range(2)]
-    procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=bench_env(), stdout=subprocess.DEVNULL, stderr=log)
-             for r, log in enumerate(logs)]
-    for proc, log in zip(procs, logs):
-        proc.wait(timeout=args.timeout)
-        if proc.returncode != 0:
-            log.seek(0)
-            sys.exit(f"sync A/B failed with exit status {proc.returncode}:\n{log.read()[-3000:]}")
+    start_and_wait([cmd + ["--rank", str(r)] for r in range(2)], [os.path.join(tmp, f"sync_ab-{r}.err") for r in range(2)],
+                   [out, None], "sync A/B", args.timeout)  # rank 0 writes the result
     with open(out) as f:
         return json.load(f)
 
@@ -189,21 +178,26 @@ def run(kind: str, devices: int, per_process_batch: int, args, tmp: str, round_:
              "--bucket-mb", str(args.bucket_mb),
              "--devices", str(devices), "--global-batch", str(devices * per_process_batch), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--out", out] for out in outs]
-    logs = [open(out + ".err", "w+") for out in outs]  # files, not pipes: two writers never block on a full pipe
+    start_and_wait(cmds, [out + ".err" for out in outs], outs, f"{kind} ({devices} processes)", args.timeout)
+    results = [check_result(kind, devices, per_process_batch, out) for out in outs]
+    return max(results, key=lambda r: r["median_step_s"])  # the slower copy bounds a synchronous pair
+
+
+def start_and_wait(cmds: list, log_paths: list, outs: list, what: str, timeout: int) -> None:
+    """Start the commands together and wait for all; exit with the log of the first that fails or
+    does not write its result file (an `outs` entry of None: no result expected)."""
+    logs = [open(path, "w+") for path in log_paths]  # files, not pipes: two writers never block on a full pipe
     procs = [subprocess.Popen(cmd, env=bench_env(), stdout=subprocess.DEVNULL, stderr=log) for cmd, log in zip(cmds, logs)]
-    results = []
     for proc, out, log in zip(procs, outs, logs):
         try:
-            proc.wait(timeout=args.timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            sys.exit(f"{kind} ({devices} processes) did not finish in {args.timeout} s")
-        if proc.returncode != 0 or not os.path.exists(out):
+            sys.exit(f"{what} did not finish in {timeout} s")
+        if proc.returncode != 0 or (out is not None and not os.path.exists(out)):
             log.seek(0)
-            sys.exit(f"{kind} ({devices} processes) failed with exit status {proc.returncode}:\n{log.read()[-3000:]}")
-        results.append(check_result(kind, devices, per_process_batch, out))
-    return max(results, key=lambda r: r["median_step_s"])  # the slower copy bounds a synchronous pair
+            sys.exit(f"{what} failed with exit status {proc.returncode}:\n{log.read()[-3000:]}")
 
 
 def check_result(kind: str, devices: int, per_process_batch: int, out: str) -> dict:

@@ -24,7 +24,6 @@ On a shared 2-core machine wall times mostly measure the neighbours: ratios only
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 import weakref
 from pathlib import Path
 
-from benchlib import compose, exit_worker, load_note
+from benchlib import compose, exit_worker, free_port, load_note
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2)]
 
@@ -169,9 +168,7 @@ def main():
     import torch.multiprocessing as mp
 
     load = os.getloadavg()[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(rank_main, args=(2, port, args.overrides, args.microbatches, args.steps, args.warmup, out_dir),
                            nprocs=2, join=True, start_method="spawn")

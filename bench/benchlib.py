@@ -49,6 +49,15 @@ def load_note(load_before: float, what: str = "figures are noisy") -> str:
     return f"load average (1 min) before the runs: {load_before:.2f} on {cores} cores" + (f"  -- busy machine: {what}" if busy else "")
 
 
+def free_port() -> int:
+    """A free localhost TCP port for a 2-process job's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def exit_worker() -> None:
     """End a worker process: leave its process group (all ranks together), then exit without the
     interpreter's teardown, where gloo can abort after a correct run (DESIGN.md facts)."""
