@@ -6,8 +6,6 @@ the order of a few sums and in computing the rotary angles in fp32 vs fp64: ~2e-
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -160,15 +158,16 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tiny runs of RUNS, 6 steps each, exported in both formats."""
+    """Tiny runs of RUNS, 6 steps each, exported in both formats by paratrain-export's main, in this
+    process (the console script as a subprocess is tested in test_checkpoint and test_new_user)."""
+    from paratrain.trainer import export
+
     root = tmp_path_factory.mktemp("export")
     for kind, args in RUNS.items():
         done = train(args, root / kind)
         assert done.returncode == 0, done.stderr[-3000:]
         for fmt, target in (("hf", root / f"{kind}-hf"), ("paratrain", root / f"{kind}.safetensors")):
-            exported = subprocess.run([sys.executable, "-m", "paratrain.trainer.export", str(root / kind), str(target),
-                                       "--format", fmt], capture_output=True, text=True, timeout=120)
-            assert exported.returncode == 0, exported.stderr
+            export.main([str(root / kind), str(target), "--format", fmt])
     return root
 
 

@@ -242,7 +242,8 @@ def test_train_under_pipeline_reproduces_single(name, single_runs, tmp_path):
 
 # --- checkpoints: resume bitwise, reshard to single and back -----------------------------------
 
-CKPT = [*TINY_MOE, "optimizer.warmup_steps=8", "optimizer.min_lr_ratio=1.0", "strategy.timeout_s=60"]
+CKPT = [*TINY_MOE, "optimizer.warmup_steps=8", "optimizer.min_lr_ratio=1.0", "strategy.timeout_s=60",
+        "trainer.checkpoint_every_n_steps=6"]
 
 
 def _ok(args, run_dir):
@@ -251,31 +252,29 @@ def _ok(args, run_dir):
 
 
 def test_pp2_checkpoint_resumes_bitwise_and_reshards_to_single_and_back(tmp_path):
-    import shutil
-
+    """12 steps on pp2 and on single, checkpoints at 6 and 12 (the LR is flat after warm-up, so
+    step 6 of a 12-step run is where a 6-step run would stop); each step-6 checkpoint resumed to 12
+    in a new run directory, on its own layout and on the other one."""
     from paratrain.strategies import portable_state
 
     _ok([*CKPT, *PP2, "trainer.max_steps=12"], tmp_path / "pp-straight")
     _ok([*CKPT, "trainer.max_steps=12"], tmp_path / "single-straight")
-    _ok([*CKPT, *PP2, "trainer.max_steps=6"], tmp_path / "pp-first6")
-    _ok([*CKPT, "trainer.max_steps=6"], tmp_path / "single-first6")
     # Keys are parameter names whatever stage held them: the pp checkpoint holds the whole model.
-    step6 = tmp_path / "pp-first6" / "checkpoints" / "step000006"
-    weights = portable_state.consolidated_model_state(step6)
-    single6 = portable_state.consolidated_model_state(tmp_path / "single-first6" / "checkpoints" / "step000006")
+    step6 = {run: tmp_path / run / "checkpoints" / "step000006" for run in ("pp-straight", "single-straight")}
+    weights = portable_state.consolidated_model_state(step6["pp-straight"])
+    single6 = portable_state.consolidated_model_state(step6["single-straight"])
     assert weights.keys() == single6.keys()
     for key in weights:
         torch.testing.assert_close(weights[key], single6[key], rtol=1e-4, atol=1e-6, msg=key)
 
-    cases = {"pp-to-pp": ("pp-first6", PP2, "pp-straight", 0),
-             "pp-to-single": ("pp-first6", [], "single-straight", 1e-5),
-             "single-to-pp": ("single-first6", PP2, "single-straight", 1e-5)}
-    for name, (first, then, straight, rel) in cases.items():
+    cases = {"pp-to-pp": ("pp-straight", PP2, 0),
+             "pp-to-single": ("pp-straight", [], 1e-5),
+             "single-to-pp": ("single-straight", PP2, 1e-5)}
+    for name, (first, then, rel) in cases.items():
         run_dir = tmp_path / name
-        shutil.copytree(tmp_path / first, run_dir)
-        _ok([*CKPT, *then, "trainer.max_steps=12", "resume=auto"], run_dir)
-        got, want = train_losses(run_dir), train_losses(tmp_path / straight)
-        assert len(got) == 12 and summary(run_dir)["resumed_from_step"] == 6, name
+        _ok([*CKPT, *then, "trainer.max_steps=12", f"resume={step6[first]}"], run_dir)
+        got, want = train_losses(run_dir), train_losses(tmp_path / first)[6:]
+        assert len(got) == 6 and summary(run_dir)["resumed_from_step"] == 6, name
         if rel == 0:
             assert got == want, name
         else:
