@@ -49,8 +49,6 @@ class SavedBytes:
         self.live, self.peak, self._refs = 0, 0, {}
 
     def pack(self, t):
-        import torch
-
         key = t.untyped_storage().data_ptr()
         count, nbytes = self._refs.get(key, (0, t.untyped_storage().nbytes()))
         if count == 0:

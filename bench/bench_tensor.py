@@ -84,7 +84,6 @@ def worker(args) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from omegaconf import OmegaConf
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.experimental import implicit_replication
     from torch.distributed.tensor.parallel import loss_parallel

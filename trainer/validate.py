@@ -428,9 +428,9 @@ def validate(cfg, announce: bool = True) -> ParallelDims:
     validate_data(cfg.data, dims.data_ranks, cfg.trainer.accumulate_grad_batches)
     p = cfg.strategy.pipeline
     if dims.pp == 1 and (p.schedule, p.microbatches, p.stages_per_rank, p.split_points) != ("1f1b", None, 1, None):
-        warnings.warn(f"strategy.pipeline.* is set but strategy.mesh.pp=1: there is no pipeline, so the schedule, "
-                      f"micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
-                      f"trainer.devices > 1) to pipeline the model.")
+        warnings.warn("strategy.pipeline.* is set but strategy.mesh.pp=1: there is no pipeline, so the schedule, "
+                      "micro-batches and split are ignored. Set strategy.mesh.pp (or use strategy=pipeline with "
+                      "trainer.devices > 1) to pipeline the model.")
     if dims.pp > 1:
         z = cfg.strategy.zero_stage
         _require(z == 0 or dims.data_ranks > 1,

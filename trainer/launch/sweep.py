@@ -16,7 +16,6 @@ summary is the same.
 
 import argparse
 import csv
-import json
 import logging
 import math
 import subprocess
