@@ -42,6 +42,17 @@ def test_dense_run_writes_a_consistent_run_directory(tmp_path):
                 assert float(by_step[int(r["step"])][key]) == pytest.approx(float(r[key]), rel=1e-4)
 
 
+def test_metrics_csv_keeps_its_header_when_the_first_row_gains_a_validation_loss(tmp_path):
+    """The first logged row is step 3, where validation also runs: the row is re-opened for val/loss
+    (truncated back to the empty file) and must be written again under its header."""
+    run_dir = tmp_path / "run"
+    done = train([*TINY, "trainer.max_steps=3", "trainer.log_every_n_steps=3"], run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "metrics.csv").read_text().startswith("step,train/loss,val/loss,")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == ["3"] and rows[0]["train/loss"] and rows[0]["val/loss"]
+
+
 def test_moe_run_reports_sparse_parameters_and_expert_load(tmp_path):
     run_dir = tmp_path / "moe"
     done = train(TINY_MOE, run_dir)

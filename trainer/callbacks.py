@@ -152,20 +152,18 @@ class RunDirectory(L.Callback):
         self.rows.append(row)
         path = self.run_dir / "metrics.csv"
         self._last_row_offset = path.stat().st_size if path.exists() else 0
+        # Empty also when the first row was re-opened (truncated to 0): the header goes first again.
+        fresh = self._last_row_offset == 0
         if self._columns is None:
-            resumed = path.exists() and path.stat().st_size > 0
-            if resumed:
-                with open(path) as f:
-                    self._columns = next(csv.reader(f))
-            else:
+            if fresh:
                 first = ["step", "train/loss", "val/loss", *self.val_columns, "tokens_per_s"]
                 self._columns = first + sorted(k for k in row if k not in first)
-            mode = "a" if resumed else "w"
-        else:
-            mode = "a"
-        with open(path, mode, newline="") as f:
+            else:  # a resumed run: its columns
+                with open(path) as f:
+                    self._columns = next(csv.reader(f))
+        with open(path, "w" if fresh else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore")
-            if mode == "w":
+            if fresh:
                 writer.writeheader()
             writer.writerow(row)
         # A row re-opened for val/loss sends the loggers only what it gained.
