@@ -1,6 +1,6 @@
 """Data-parallel gradient sync: our `ddp` (MeshStrategy) vs Lightning's `DDPStrategy`, and weak scaling.
 
-    python bench/bench_ddp.py [--steps 40] [--warmup 10] [--batch 16] [--rounds 3] [--variants ours,lightning]
+    python bench/bench_ddp.py [--steps 40] [--warmup 10] [--batch 16] [--rounds 3] [--variants ours,lightning] [--ab-parts]
 
 Four variants, each in its own process tree (gloo, one thread per process, OMP_NUM_THREADS=1):
   single     1 process,   MeshStrategy single, global batch B   (weak-scaling baseline)
@@ -29,7 +29,9 @@ than the gap being measured. So the bench ends with an A/B of the gradient sync 
 GradientSync (as MeshStrategy builds it) and one wrapped in torch's DistributedDataParallel, and
 trains them in alternating blocks of steps on the same batches (a plain loop: forward, backward,
 sync, AdamW), so both see the same machine at the same minutes. The two copies must end with the
-same weights (to float rounding).
+same weights (to float rounding). With --ab-parts the A/B also alternates two parts of a step: the
+step on a third copy that is never synced ("compute"), and our buckets' all-reduces with no step at
+all ("allreduce"). Their sum is what a sync costs when overlap hides nothing, as on 2 busy cores.
 """
 
 import argparse
@@ -121,30 +123,40 @@ def ab_worker(args) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
     mesh = build_mesh(ParallelDims(dp=2, ep=1, world_size=2), "cpu")
     base = build_model(OmegaConf.structured(ModelConfig()), 0, device="cpu")
-    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    ours, theirs, unsynced = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     sync = GradientSync(reduction_groups_for(ours.parameters(), [], mesh), args.bucket_mb,
                         first_bucket_mb=EDGE_BUCKET_MB, last_bucket_mb=EDGE_BUCKET_MB)
     models = {"ours": (ours, ours, sync), "ddp": (DistributedDataParallel(theirs), theirs, None)}
+    if args.ab_parts:
+        models["compute"] = (unsynced, unsynced, None)  # the same step without any all-reduce
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (_, m, _) in models.items()}
+    # "allreduce": our buckets' all-reduces alone (same sizes, same order), no compute at all.
+    buffers = [torch.zeros_like(b.buffer) for b in sync.buckets]
     g = torch.Generator().manual_seed(args.rank)
     batches = [torch.randint(0, 256, (args.batch, SEQ_LEN + 1), generator=g) for _ in range(args.ab_steps)]
-    times = {k: [] for k in models}
+    kinds = [*models, "allreduce"] if args.ab_parts else list(models)
+    times = {k: [] for k in kinds}
     for block in range(args.ab_blocks + 1):  # block 0 warms up
-        for kind, (forward, model, grad_sync) in models.items():
+        for kind in kinds:
             dist.barrier()
             for i, x in enumerate(batches):
                 t0 = time.perf_counter()
-                F.cross_entropy(forward(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
-                if grad_sync is not None:
-                    grad_sync.finish()
-                opts[kind].step()
-                opts[kind].zero_grad(set_to_none=True)
+                if kind == "allreduce":
+                    for work in [dist.all_reduce(b, async_op=True) for b in buffers]:
+                        work.wait()
+                else:
+                    forward, model, grad_sync = models[kind]
+                    F.cross_entropy(forward(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+                    if grad_sync is not None:
+                        grad_sync.finish()
+                    opts[kind].step()
+                    opts[kind].zero_grad(set_to_none=True)
                 if block > 0 and i > 0:  # the first step of a block runs on the other copy's caches
                     times[kind].append(time.perf_counter() - t0)
     gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
     if args.rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"times": times, "weight_gap": gap}, f)
+            json.dump({"times": times, "weight_gap": gap, "bucket_mb": [b.nbytes / 2**20 for b in sync.buckets]}, f)
     exit_worker()
 
 
@@ -152,7 +164,7 @@ def run_ab(args, tmp: str) -> dict:
     out = os.path.join(tmp, "sync_ab.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sync_ab", "--port", str(free_port()),
            "--bucket-mb", str(args.bucket_mb), "--batch", str(args.batch), "--ab-blocks", str(args.ab_blocks),
-           "--ab-steps", str(args.ab_steps), "--out", out]
+           "--ab-steps", str(args.ab_steps), "--out", out] + (["--ab-parts"] if args.ab_parts else [])
     start_and_wait([cmd + ["--rank", str(r)] for r in range(2)], [os.path.join(tmp, f"sync_ab-{r}.err") for r in range(2)],
                    [out, None], "sync A/B", args.timeout)  # rank 0 writes the result
     with open(out) as f:
@@ -169,6 +181,13 @@ def print_ab(ab: dict, args) -> None:
     print(f"  ours {t['ours'] * 1e3:.1f} ms/step, torch DDP {t['ddp'] * 1e3:.1f} ms/step: ours / DDP "
           f"{t['ours'] / t['ddp']:.3f}  (per-block ratios, quartiles: {q1:.3f} .. {q3:.3f}); "
           f"weights agree to {ab['weight_gap']:.1e}")
+    if "compute" in t:
+        parts = t["compute"] + t["allreduce"]
+        print(f"  where a step goes: compute alone (both ranks, no all-reduce) {t['compute'] * 1e3:.1f} ms, our "
+              f"{len(ab['bucket_mb'])} buckets' all-reduces alone ({sum(ab['bucket_mb']):.2f} MiB) "
+              f"{t['allreduce'] * 1e3:.1f} ms; sum {parts * 1e3:.1f} ms: ours / sum {t['ours'] / parts:.3f}, "
+              f"DDP / sum {t['ddp'] / parts:.3f} (1.0 = the sync adds nothing to gloo's own all-reduce, and "
+              f"overlapping it with backward hides nothing)")
 
 
 def run(kind: str, devices: int, per_process_batch: int, args, tmp: str, round_: int) -> dict:
@@ -224,6 +243,8 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="ours: strategy.bucket_size_mb")
     p.add_argument("--ab-blocks", type=int, default=20, help="blocks per copy in the sync A/B (0 = no A/B)")
     p.add_argument("--ab-steps", type=int, default=5, help="steps per block in the sync A/B (the first is not timed)")
+    p.add_argument("--ab-parts", action="store_true",
+                   help="A/B: also time the step without the all-reduce, and the all-reduces without the step")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
