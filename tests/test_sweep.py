@@ -30,26 +30,27 @@ def read_table(sweep_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_expert_parallel_sweep_runs_each_job_and_writes_the_summary(tmp_path):
+    # Two values: the README's three-job expert sweep runs as printed in tests/test_readme.py.
     sweep_dir = tmp_path / "sweep"
-    done = train_multirun([*TINY_MOE, "strategy=expert", "trainer.devices=2", "model.moe.num_experts=2,4,8"], sweep_dir)
+    done = train_multirun([*TINY_MOE, "strategy=expert", "trainer.devices=2", "model.moe.num_experts=2,8"], sweep_dir)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    for job, experts in enumerate([2, 4, 8]):
+    for job, experts in enumerate([2, 8]):
         s = summary(sweep_dir / str(job))
         assert s["status"] == "completed" and s["steps"] == 6, s
         assert s["world_size"] == 2 and s["mesh"] == {"dp": 1, "ep": 2}
         assert f"; {experts // 2} expert" in s["layout"]
         assert (sweep_dir / str(job) / "console.log").read_text().count("Trainer.fit") == 1
     rows = read_table(sweep_dir)
-    assert [r["overrides"] for r in rows] == [f"model.moe.num_experts={n}" for n in (2, 4, 8)]
-    assert [r["status"] for r in rows] == ["completed"] * 3
-    assert [float(r["final_loss"]) for r in rows] == pytest.approx([summary(sweep_dir / str(j))["final_loss"] for j in range(3)])
-    assert int(rows[2]["params_total"]) > int(rows[0]["params_total"])
+    assert [r["overrides"] for r in rows] == [f"model.moe.num_experts={n}" for n in (2, 8)]
+    assert [r["status"] for r in rows] == ["completed"] * 2
+    assert [float(r["final_loss"]) for r in rows] == pytest.approx([summary(sweep_dir / str(j))["final_loss"] for j in range(2)])
+    assert int(rows[1]["params_total"]) > int(rows[0]["params_total"])
     assert rows[0]["params_active_per_token"] and rows[0]["peak_rss_mb"] and float(rows[0]["tokens_per_s"]) > 0
     md = (sweep_dir / "sweep_summary.md").read_text()
-    assert "3 jobs: 3 completed, 0 failed" in md and "| model.moe.num_experts=8 | completed |" in md
+    assert "2 jobs: 2 completed, 0 failed" in md and "| model.moe.num_experts=8 | completed |" in md
     assert (sweep_dir / "sweep_summary.png").stat().st_size > 5000
     # Each job ran in its own process tree: the sweep process never initialised a process group.
-    assert "[job 0] " in done.stdout and "[job 2] " in done.stdout
+    assert "[job 0] " in done.stdout and "[job 1] " in done.stdout
 
 
 @pytest.mark.slow
