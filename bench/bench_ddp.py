@@ -123,18 +123,20 @@ def ab_worker(args) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
     mesh = build_mesh(ParallelDims(dp=2, ep=1, world_size=2), "cpu")
     base = build_model(OmegaConf.structured(ModelConfig()), 0, device="cpu")
-    ours, theirs, unsynced = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     sync = GradientSync(reduction_groups_for(ours.parameters(), [], mesh), args.bucket_mb,
                         first_bucket_mb=EDGE_BUCKET_MB, last_bucket_mb=EDGE_BUCKET_MB)
     models = {"ours": (ours, ours, sync), "ddp": (DistributedDataParallel(theirs), theirs, None)}
+    kinds = list(models)
     if args.ab_parts:
+        unsynced = copy.deepcopy(base)
         models["compute"] = (unsynced, unsynced, None)  # the same step without any all-reduce
+        # "allreduce": our buckets' all-reduces alone (same sizes, same order), no compute at all.
+        buffers = [torch.zeros_like(b.buffer) for b in sync.buckets]
+        kinds = [*models, "allreduce"]
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (_, m, _) in models.items()}
-    # "allreduce": our buckets' all-reduces alone (same sizes, same order), no compute at all.
-    buffers = [torch.zeros_like(b.buffer) for b in sync.buckets]
     g = torch.Generator().manual_seed(args.rank)
     batches = [torch.randint(0, 256, (args.batch, SEQ_LEN + 1), generator=g) for _ in range(args.ab_steps)]
-    kinds = [*models, "allreduce"] if args.ab_parts else list(models)
     times = {k: [] for k in kinds}
     for block in range(args.ab_blocks + 1):  # block 0 warms up
         for kind in kinds:
