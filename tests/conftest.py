@@ -79,7 +79,7 @@ def train_losses(run_dir: Path) -> list[float]:
 
 # Under pytest-xdist (addopts in pyproject.toml) each file runs whole on one worker, handed out in
 # collection order: the longest files go first, so that the workers finish together instead of
-# one starting test_readme.py (7 minutes on 2 cores) last. Measured with --durations, serially.
+# one starting test_readme.py (7 minutes on 2 cores) last. Order from --durations of whole suites.
 LONGEST_FIRST = ["test_readme.py", "test_zero.py", "test_tensor.py", "test_checkpoint.py", "test_pipeline.py",
                  "test_cli.py", "test_expert_hybrid.py", "test_stop.py", "test_slurm.py", "test_moe_designs.py",
                  "test_hf.py", "test_plan.py", "test_sweep.py"]
