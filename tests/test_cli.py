@@ -120,6 +120,16 @@ def test_bad_config_exits_2_naming_the_key(args, pattern, tmp_path):
     assert not (run_dir / "summary.json").exists()
 
 
+def test_refused_config_exits_before_importing_lightning(tmp_path):
+    # Lightning (with the torchmetrics and transformers it imports) is seconds of start-up: a config
+    # the checks refuse must not wait for it. PYTHONPROFILEIMPORTTIME lists every import on stderr.
+    done = train(["strategy=ddp", "trainer.devices=2", "strategy.zero_stage=5"], tmp_path / "bad", timeout=120,
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 2 and "strategy.zero_stage=5 is not a ZeRO stage" in done.stderr, done.stderr[-2000:]
+    imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "lightning" not in imported and "paratrain.trainer.module" not in imported
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_accelerator_without_a_gpu_exits_2(tmp_path):
     done = train(TINY + ["trainer.accelerator=gpu"], tmp_path / "run", timeout=120)

@@ -1,4 +1,6 @@
-"""The run directory of DESIGN.md: metrics.csv, summary.json and plots/, written by rank 0.
+"""The run directory of DESIGN.md: metrics.csv, summary.json and plots/, written by rank 0; the step
+progress bar; and model.init_from's weight loading (kept out of hf_init.py, which the config check
+imports: that check must not pay for importing Lightning).
 
 Metrics are reduced on every rank at the same steps (a collective); only rank 0 writes files.
 """
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..strategies.zero import grad_bytes, local_numel, rank_memory
+from .hf_init import load_weights
 from .loggers import finish as finish_loggers
 from .plots import plot_expert_load, plot_loss_curve
 
@@ -311,3 +314,17 @@ class StepProgressBar(TQDMProgressBar):
         bar.reset(total=trainer.max_steps * trainer.accumulate_grad_batches)
         bar.initial = bar.n = bar.last_print_n = done  # tqdm's rate is (n - initial) / elapsed
         bar.set_description("train")
+
+
+class InitFromHF(L.Callback):
+    """Fill the laid-out model with a HF checkpoint's weights on every rank.
+
+    on_fit_start runs after the strategy has laid the model out and materialised it, and before a
+    checkpoint is restored: a resumed run continues from its checkpoint, not from init_from."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        load_weights(pl_module.model, self.path)
+        log.info("model.init_from: loaded %s", self.path)

@@ -25,8 +25,9 @@ from .launch import slurm, sweep
 from .schema import register_configs
 from .validate import check_run_paths, validate, validate_devices
 
-# What only a run needs (Lightning, the data, the model, callbacks) is imported in run(): a dry run
-# (`dry_run=true`) plans and exits without paying for those imports.
+# What only a run needs (Lightning, the data, the model, callbacks) is imported in run() once the
+# config has passed: a config the checks refuse exits 2 without those imports (the last check, of
+# the `_target_`s, imports the strategy class and with it Lightning, as does a dry run).
 log = logging.getLogger("paratrain")
 register_configs()
 register_recipes()
@@ -64,17 +65,6 @@ def dry_run(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig):
     """Train one run described by a composed config; returns its run-directory writer. Raises ConfigError."""
-    import lightning as L
-
-    from ..strategies.zero import describe_stage
-    from . import balance, faults, hf_init, loggers, tokenizer
-    from .callbacks import RunDirectory, StepProgressBar
-    from .checkpoint_files import Checkpointer, resolve_resume
-    from .data import ByteDataModule, checked_token_files
-    from .models.transformer import build_model, count_params
-    from .module import LanguageModelTask
-    from .stop_signals import StopSignals
-
     dims = _validated(cfg)
     validate_devices(cfg.trainer, launched_externally=slurm.in_slurm_job() or "TORCHELASTIC_RUN_ID" in os.environ)
     # The plan, before any process or tensor exists: a run that cannot fit stops here (exit 2).
@@ -83,6 +73,18 @@ def run(cfg: DictConfig):
         raise ConfigError(planning.refusal(plan))
     run_dir = HydraConfig.get().runtime.output_dir
     check_run_paths(cfg, run_dir, plan["params_total"])
+    # What only a run needs, imported once the config has passed: a refused config exits 2 without
+    # paying seconds for Lightning (and the torchmetrics and transformers it pulls in).
+    import lightning as L
+    from ..strategies.zero import describe_stage
+    from . import balance, faults, loggers, tokenizer
+    from .callbacks import InitFromHF, RunDirectory, StepProgressBar
+    from .checkpoint_files import Checkpointer, resolve_resume
+    from .data import ByteDataModule, checked_token_files
+    from .models.transformer import build_model, count_params
+    from .module import LanguageModelTask
+    from .stop_signals import StopSignals
+
     stop = StopSignals().install()  # from here SIGTERM/SIGINT end the run after a step, with its checkpoint
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -118,7 +120,7 @@ def run(cfg: DictConfig):
         use_distributed_sampler=False, default_root_dir=run_dir, plugins=slurm.lightning_plugins(),
         enable_checkpointing=False, callbacks=[run_directory, *balance.callbacks(cfg.model), checkpointer, stop,
                                                  *faults.callbacks(t),
-                                                 *([hf_init.InitFromHF(cfg.model.init_from)] if cfg.model.init_from else []),
+                                                 *([InitFromHF(cfg.model.init_from)] if cfg.model.init_from else []),
                                                  *([StepProgressBar()] if t.enable_progress_bar else [])],
     )
     stop.attach(trainer, checkpointer, run_directory)

@@ -13,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf, open_dict
 
@@ -230,17 +229,3 @@ def fill_model_config(cfg, explicit: dict | None = None) -> None:
 
             cfg.model.moe = OmegaConf.merge(OmegaConf.structured(MoEConfig), moe)
     check_weights(given, cfg.model)
-
-
-class InitFromHF(L.Callback):
-    """Fill the laid-out model with a HF checkpoint's weights on every rank.
-
-    on_fit_start runs after the strategy has laid the model out and materialised it, and before a
-    checkpoint is restored: a resumed run continues from its checkpoint, not from init_from."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def on_fit_start(self, trainer, pl_module):
-        load_weights(pl_module.model, self.path)
-        log.info("model.init_from: loaded %s", self.path)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..strategies.fsdp import expert_shard_dim
 from ..strategies.mesh import ParallelDims
 from . import hf_init, loggers, tokenizer
 from .errors import ConfigError, unknown_key_error
@@ -293,6 +292,8 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
              f"trainer.precision=bf16-true with strategy.zero_stage={stage}: FSDP2 keeps fp32 master shards and "
              f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
              f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
+    from ..strategies.fsdp import expert_shard_dim  # here: importing FSDP costs every other config 0.5 s
+
     moe = cfg.model.moe
     ranks = dims.dp * dims.tp  # the ranks FSDP shards each expert stack over (strategies/fsdp.py)
     if stage >= 2 and moe is not None and expert_shard_dim(moe.num_experts // dims.ep, ranks) == 1:
