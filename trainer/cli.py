@@ -43,6 +43,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # Lightning's advertisement for its cloud logger, printed on every Trainer(logger=False).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advert)
+    # Imported once Hydra has set up logging, Lightning's loggers propagate to Hydra's handlers (the
+    # console and train.log, one format with ours); the `lightning` package's own console handler
+    # would print every message a second time.
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").handlers.clear()
 
 
 def no_advert(record: logging.LogRecord) -> bool:
