@@ -68,7 +68,8 @@ def test_sweep_runs_one_two_task_slurm_job_per_value(slurm_sweep):
     script = next((slurm_sweep / ".submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --nodes=1" in script
     assert "#SBATCH --oversubscribe" in script and "#SBATCH --signal=USR2@" in script
-    logs = sorted((slurm_sweep / ".submitit").glob("*_0/*_0_[01]_log.err"))
+    # Each task's stdout holds its log lines, Lightning's among them (trainer/cli.py: quiet_lightning).
+    logs = sorted((slurm_sweep / ".submitit").glob("*_0/*_0_[01]_log.out"))
     assert len(logs) == 2 and all("GLOBAL_RANK" in p.read_text() for p in logs)
     rows = (slurm_sweep / "sweep_summary.csv").read_text().splitlines()
     assert len(rows) == 3 and "model.moe.num_experts=8" in rows[2] and ",completed," in rows[2]
