@@ -292,11 +292,13 @@ def validate_zero(cfg, dims: ParallelDims) -> None:
              f"trainer.precision=bf16-true with strategy.zero_stage={stage}: FSDP2 keeps fp32 master shards and "
              f"computes in bf16 through its mixed-precision policy, which trainer.precision=bf16-mixed selects. Use "
              f"trainer.precision=bf16-mixed (strategy.reduce_dtype sets the gradient reduce dtype), or zero_stage<=1.")
-    from ..strategies.fsdp import expert_shard_dim  # here: importing FSDP costs every other config 0.5 s
-
     moe = cfg.model.moe
+    if stage < 2 or moe is None:
+        return
+    from ..strategies.fsdp import expert_shard_dim  # only here: importing FSDP costs other configs 0.5 s
+
     ranks = dims.dp * dims.tp  # the ranks FSDP shards each expert stack over (strategies/fsdp.py)
-    if stage >= 2 and moe is not None and expert_shard_dim(moe.num_experts // dims.ep, ranks) == 1:
+    if expert_shard_dim(moe.num_experts // dims.ep, ranks) == 1:
         # The local experts do not divide evenly over those ranks: the stacks are sharded on dim 1.
         over = f"strategy.mesh.dp={ranks}" if dims.tp == 1 else f"strategy.mesh.dp x strategy.mesh.tp = {ranks}"
         replicated = " (each expert is replicated over tp)" if dims.tp > 1 else ""
