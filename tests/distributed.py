@@ -24,7 +24,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List
 
-_PORT_IN_USE = "Address already in use"
+_PORT_IN_USE = "address already in use"  # compared in lower case: torch writes it either way
 
 
 def free_port() -> int:
@@ -46,18 +46,19 @@ def _child(body, rank, world_size, port, out_dir, args, kwargs, timeout_s) -> No
         # mesh's flattened groups eagerly failed with "Connection reset by peer" on gloo. Lazy init
         # connects a group's pairs on first use instead.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             value = body(rank, world_size, *args, **kwargs)
-            # Rank 0 hosts the store: no rank tears the group down while another still uses it
-            # (a rank that finished first gave the others "Broken pipe" in their last collective).
+            # Rank 0 hosts the store, and a lazily connected gloo pair needs it even inside the last
+            # barrier: a rank that finished first gave the others "Broken pipe" in their last
+            # collective, and rank 0 leaving the barrier first gave one "Connection reset by peer"
+            # (CI, 4 ranks on a loaded machine). So rank 0 stays until every rank is out of it.
             dist.barrier()
+            store.set(f"left-barrier-{rank}", "1")
+            if rank == 0:
+                store.wait([f"left-barrier-{r}" for r in range(world_size)], timeout)
         finally:
             dist.destroy_process_group()
         # Plain pickle to a file: a tensor is copied whole, not shared with a process about to exit.
@@ -162,7 +163,7 @@ def _run_once(body, world_size, args, kwargs, timeout_s) -> List[Any]:
                 results.append(None)
         if errors:
             text = "\n".join(errors)
-            if _PORT_IN_USE in text:
+            if _PORT_IN_USE in text.lower():
                 raise _PortTaken(text)
             raise RuntimeError(f"{len(errors)} of {world_size} ranks failed:\n{text}")
         return results
