@@ -16,15 +16,18 @@ the intended world size, per-rank batch and gradient sync, and reports rank 0's 
 and `lightning` do the same math, so the two losses must agree (to float rounding).
 
 Step time = the interval between successive `on_train_batch_end` calls on rank 0 (forward,
-backward, gradient sync, optimizer step, next batch), median over the steps after --warmup.
+backward, gradient sync, optimizer step, next batch), median over the steps after --warmup. The
+CPU column is rank 0's process CPU time over the same interval (every thread: compute, hooks,
+gloo's): when a 2-process variant's CPU time moves with its step time, the machine computed more
+slowly, nobody waited longer.
 The variants run --rounds times in rotated order; the table shows the median over rounds.
 Targets (DESIGN.md): ours / lightning step time <= 1.0; weak scaling t_single / t_ours >= 0.9.
 The ceiling line, t_single_x2 / t_ours, is the share of the machine's own two-process speed that
 the gradient sync keeps (1.0 = the sync costs nothing).
 2 processes need 2 free cores: on a loaded machine both ratios mostly measure the load.
 
-Separate runs drift: on this machine one variant's step time moves by +-5% from run to run, more
-than the gap being measured. So the bench ends with an A/B of the gradient sync alone
+Separate runs drift: on this machine one 2-process variant's step time, and its CPU time with it,
+moves by +-10% from run to run, more than the gap being measured. So the bench ends with an A/B of the gradient sync alone
 (--ab-blocks, 0 = skip): one 2-process job holds two copies of the model, one synced by our
 GradientSync (as MeshStrategy builds it) and one wrapped in torch's DistributedDataParallel, and
 trains them in alternating blocks of steps on the same batches (a plain loop: forward, backward,
@@ -32,6 +35,9 @@ sync, AdamW), so both see the same machine at the same minutes. The two copies m
 same weights (to float rounding). With --ab-parts the A/B also alternates two parts of a step: the
 step on a third copy that is never synced ("compute"), and our buckets' all-reduces with no step at
 all ("allreduce"). Their sum is what a sync costs when overlap hides nothing, as on 2 busy cores.
+It also times rank 0 stepping that unsynced copy while rank 1 idles ("alone"): the one-process step
+in the same minutes, so weak scaling (alone / ours) and its ceiling (alone / compute) are measured
+side by side too, free of the drift between separate runs.
 """
 
 import argparse
@@ -76,7 +82,7 @@ def worker(args) -> None:
                                 bucket_size_mb=args.bucket_mb)
     task = LanguageModelTask(model, opt_cfg, args.steps, tokens_per_step=args.global_batch * SEQ_LEN)
     task.seed = 0
-    stamps, seen = [], {}
+    stamps, cpu, seen = [], [], {}
 
     class StepClock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -85,6 +91,7 @@ def worker(args) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())  # every thread of this rank: compute, hooks, gloo's
             seen["last_loss"] = float(outputs["loss"])
             sync = getattr(trainer.strategy, "grad_sync", None)
             if sync is not None:
@@ -96,10 +103,11 @@ def worker(args) -> None:
     trainer.fit(task, datamodule=ByteDataModule(data_cfg, *checked_token_files(data_cfg, model_cfg.vocab_size), 0))
     if trainer.is_global_zero:
         steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
+        cpu_steps = [b - a for a, b in zip(cpu[args.warmup:], cpu[args.warmup + 1:])]
         ddp = seen["wrapped"] == "DistributedDataParallel"
         sync = seen.get("sync") or ("Lightning: torch DistributedDataParallel" if ddp else "none")
         with open(args.out, "w") as f:
-            json.dump({"median_step_s": statistics.median(steps), "timed_steps": len(steps),
+            json.dump({"median_step_s": statistics.median(steps), "median_cpu_s": statistics.median(cpu_steps), "timed_steps": len(steps),
                        "world_size": trainer.world_size, "threads": torch.get_num_threads(),
                        "local_batch": seen["local_batch"], "sync": sync, "last_loss": seen["last_loss"]}, f)
 
@@ -133,7 +141,9 @@ def ab_worker(args) -> None:
         models["compute"] = (unsynced, unsynced, None)  # the same step without any all-reduce
         # "allreduce": our buckets' all-reduces alone (same sizes, same order), no compute at all.
         buffers = [torch.zeros_like(b.buffer) for b in sync.buckets]
-        kinds = [*models, "allreduce"]
+        # "alone": rank 0 steps the unsynced copy while rank 1 waits at the next block's barrier:
+        # the one-process step in the same minutes, the baseline of weak scaling.
+        kinds = [*models, "allreduce", "alone"]
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (_, m, _) in models.items()}
     g = torch.Generator().manual_seed(args.rank)
     batches = [torch.randint(0, 256, (args.batch, SEQ_LEN + 1), generator=g) for _ in range(args.ab_steps)]
@@ -141,18 +151,21 @@ def ab_worker(args) -> None:
     for block in range(args.ab_blocks + 1):  # block 0 warms up
         for kind in kinds:
             dist.barrier()
+            if kind == "alone" and args.rank != 0:
+                continue
             for i, x in enumerate(batches):
                 t0 = time.perf_counter()
                 if kind == "allreduce":
                     for work in [dist.all_reduce(b, async_op=True) for b in buffers]:
                         work.wait()
                 else:
-                    forward, model, grad_sync = models[kind]
+                    copy = "compute" if kind == "alone" else kind
+                    forward, model, grad_sync = models[copy]
                     F.cross_entropy(forward(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
                     if grad_sync is not None:
                         grad_sync.finish()
-                    opts[kind].step()
-                    opts[kind].zero_grad(set_to_none=True)
+                    opts[copy].step()
+                    opts[copy].zero_grad(set_to_none=True)
                 if block > 0 and i > 0:  # the first step of a block runs on the other copy's caches
                     times[kind].append(time.perf_counter() - t0)
     gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
@@ -190,6 +203,9 @@ def print_ab(ab: dict, args) -> None:
               f"{t['allreduce'] * 1e3:.1f} ms; sum {parts * 1e3:.1f} ms: ours / sum {t['ours'] / parts:.3f}, "
               f"DDP / sum {t['ddp'] / parts:.3f} (1.0 = the sync adds nothing to gloo's own all-reduce, and "
               f"overlapping it with backward hides nothing)")
+        print(f"  weak scaling 1 -> 2 in the same minutes: rank 0 alone {t['alone'] * 1e3:.1f} ms/step; ours "
+              f"{t['alone'] / t['ours']:.3f}, torch DDP {t['alone'] / t['ddp']:.3f}, ceiling (2 ranks, no sync) "
+              f"{t['alone'] / t['compute']:.3f}")
 
 
 def run(kind: str, devices: int, per_process_batch: int, args, tmp: str, round_: int) -> dict:
@@ -246,7 +262,8 @@ def main() -> None:
     p.add_argument("--ab-blocks", type=int, default=20, help="blocks per copy in the sync A/B (0 = no A/B)")
     p.add_argument("--ab-steps", type=int, default=5, help="steps per block in the sync A/B (the first is not timed)")
     p.add_argument("--ab-parts", action="store_true",
-                   help="A/B: also time the step without the all-reduce, and the all-reduces without the step")
+                   help="A/B: also time the step without the all-reduce, the all-reduces without the step, and "
+                        "rank 0's step alone (weak scaling in the same job)")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -274,18 +291,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 results[kind].append(run(kind, devices, args.batch, args, tmp, r))
                 print(f"  round {r + 1}/{args.rounds} {kind:<10} {results[kind][-1]['median_step_s'] * 1e3:7.1f} "
-                      f"ms/step ({time.perf_counter() - t0:.0f} s run)", flush=True)
+                      f"ms/step, CPU {results[kind][-1]['median_cpu_s'] * 1e3:6.1f} ms ({time.perf_counter() - t0:.0f} s run)", flush=True)
         ab = run_ab(args, tmp) if args.ab_blocks else None
 
     t = {kind: statistics.median(x["median_step_s"] for x in rs) for kind, rs in results.items()}
+    cpu = {kind: statistics.median(x["median_cpu_s"] for x in rs) for kind, rs in results.items()}
     tok = SEQ_LEN * args.batch
     print(f"dense 4x128, {args.batch} x {SEQ_LEN} tokens per process, 1 thread per process, gloo; "
           f"median step after {args.warmup} warm-up steps, median of {args.rounds} round(s)")
-    print(f"{'variant':<11}{'procs':>6}{'step ms':>9}{'tokens/s':>10}{'last loss':>11}  gradient sync")
+    print(f"{'variant':<11}{'procs':>6}{'step ms':>9}{'tokens/s':>10}{'CPU ms':>8}{'last loss':>11}  gradient sync")
     for kind, devices in variants:
         last = results[kind][-1]
         devices *= 2 if kind == "single_x2" else 1
-        print(f"{kind:<11}{devices:>6}{t[kind] * 1e3:>9.1f}{devices * tok / t[kind]:>10.0f}"
+        print(f"{kind:<11}{devices:>6}{t[kind] * 1e3:>9.1f}{devices * tok / t[kind]:>10.0f}{cpu[kind] * 1e3:>8.1f}"
               f"{last['last_loss']:>11.5f}  {last['sync']}")
     if {"ours", "lightning"} <= t.keys():
         loss_gap = abs(results["ours"][-1]["last_loss"] - results["lightning"][-1]["last_loss"])
