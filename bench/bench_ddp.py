@@ -27,17 +27,17 @@ the gradient sync keeps (1.0 = the sync costs nothing).
 2 processes need 2 free cores: on a loaded machine both ratios mostly measure the load.
 
 Separate runs drift: on this machine one 2-process variant's step time, and its CPU time with it,
-moves by +-10% from run to run, more than the gap being measured. So the bench ends with an A/B of the gradient sync alone
-(--ab-blocks, 0 = skip): one 2-process job holds two copies of the model, one synced by our
-GradientSync (as MeshStrategy builds it) and one wrapped in torch's DistributedDataParallel, and
-trains them in alternating blocks of steps on the same batches (a plain loop: forward, backward,
-sync, AdamW), so both see the same machine at the same minutes. The two copies must end with the
-same weights (to float rounding). With --ab-parts the A/B also alternates two parts of a step: the
-step on a third copy that is never synced ("compute"), and our buckets' all-reduces with no step at
-all ("allreduce"). Their sum is what a sync costs when overlap hides nothing, as on 2 busy cores.
-It also times rank 0 stepping that unsynced copy while rank 1 idles ("alone"): the one-process step
-in the same minutes, so weak scaling (alone / ours) and its ceiling (alone / compute) are measured
-side by side too, free of the drift between separate runs.
+moves by +-10% from run to run, more than the gap being measured. So the bench ends with an A/B of
+the gradient sync alone (--ab-blocks, 0 = skip): one 2-process job holds two copies of the model,
+one synced by our GradientSync (as MeshStrategy builds it) and one wrapped in torch's
+DistributedDataParallel, and trains them in alternating blocks of steps on the same batches (a
+plain loop: forward, backward, sync, AdamW), so both see the same machine at the same minutes. The
+two copies must end with the same weights (to float rounding). With --ab-parts the A/B also
+alternates two parts of a step: the step on a third copy that is never synced ("compute"), and our
+buckets' all-reduces with no step at all ("allreduce"). Their sum is what a sync costs when overlap
+hides nothing, as on 2 busy cores. It also times rank 0 stepping that unsynced copy while rank 1
+idles ("alone"): the one-process step in the same minutes, so weak scaling (alone / ours) and its
+ceiling (alone / compute) are measured side by side too, free of the drift between separate runs.
 """
 
 import argparse
@@ -107,7 +107,8 @@ def worker(args) -> None:
         ddp = seen["wrapped"] == "DistributedDataParallel"
         sync = seen.get("sync") or ("Lightning: torch DistributedDataParallel" if ddp else "none")
         with open(args.out, "w") as f:
-            json.dump({"median_step_s": statistics.median(steps), "median_cpu_s": statistics.median(cpu_steps), "timed_steps": len(steps),
+            json.dump({"median_step_s": statistics.median(steps), "median_cpu_s": statistics.median(cpu_steps),
+                       "timed_steps": len(steps),
                        "world_size": trainer.world_size, "threads": torch.get_num_threads(),
                        "local_batch": seen["local_batch"], "sync": sync, "last_loss": seen["last_loss"]}, f)
 
@@ -291,7 +292,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 results[kind].append(run(kind, devices, args.batch, args, tmp, r))
                 print(f"  round {r + 1}/{args.rounds} {kind:<10} {results[kind][-1]['median_step_s'] * 1e3:7.1f} "
-                      f"ms/step, CPU {results[kind][-1]['median_cpu_s'] * 1e3:6.1f} ms ({time.perf_counter() - t0:.0f} s run)", flush=True)
+                      f"ms/step, CPU {results[kind][-1]['median_cpu_s'] * 1e3:6.1f} ms "
+                      f"({time.perf_counter() - t0:.0f} s run)", flush=True)
         ab = run_ab(args, tmp) if args.ab_blocks else None
 
     t = {kind: statistics.median(x["median_step_s"] for x in rs) for kind, rs in results.items()}
