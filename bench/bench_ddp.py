@@ -102,8 +102,8 @@ def worker(args) -> None:
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[StepClock()])
     trainer.fit(task, datamodule=ByteDataModule(data_cfg, *checked_token_files(data_cfg, model_cfg.vocab_size), 0))
     if trainer.is_global_zero:
-        steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
-        cpu_steps = [b - a for a, b in zip(cpu[args.warmup:], cpu[args.warmup + 1:])]
+        steps, cpu_steps = ([b - a for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:])]
+                            for marks in (stamps, cpu))
         ddp = seen["wrapped"] == "DistributedDataParallel"
         sync = seen.get("sync") or ("Lightning: torch DistributedDataParallel" if ddp else "none")
         with open(args.out, "w") as f:
